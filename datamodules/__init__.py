@@ -1,0 +1,7 @@
+"""LightningDataModules that stream reference spatial data to dpvae models."""
+
+from __future__ import annotations
+
+from datamodules.reference import CellDataset, PairedBatchSampler, ReferenceDataModule
+
+__all__ = ["CellDataset", "PairedBatchSampler", "ReferenceDataModule"]

@@ -1,0 +1,386 @@
+"""Reference spatial data: reading, hygiene, gene selection, splits and paired batches."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.spatial import cKDTree
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dpvae.errors import ConfigError, DataError
+from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
+from dpvae.preprocess import Preprocessor, extract_rows, gene_moments, scan_matrix, select_genes
+
+
+class CellDataset(Dataset):
+    """Raw expression rows (CSR), standardised coordinates and cell ids, fetched a batch at a time.
+
+    ``dataset[[i, j, ...]]`` (via ``__getitems__``) returns one batch dict with ``raw`` (B, G)
+    float32, ``coords`` (B, D) float32 and ``index`` (B,) int64 global cell ids.
+    """
+
+    def __init__(self, raw: sp.csr_matrix, coords: np.ndarray, index: np.ndarray) -> None:
+        self.raw = raw
+        self.coords = torch.as_tensor(coords, dtype=torch.float32)
+        self.index = torch.as_tensor(index, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    def __getitems__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        raw = torch.from_numpy(self.raw[rows_arr].toarray())
+        sel = torch.from_numpy(rows_arr)
+        return {"raw": raw, "coords": self.coords[sel], "index": self.index[sel]}
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([row])
+        return {k: v[0] for k, v in batch.items()}
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class PairedBatchSampler(Sampler[list[int]]):
+    """Batches of anchor cells each followed by one of its spatial neighbours.
+
+    Every epoch visits the cells in a new random order as anchors; each anchor brings one random cell
+    among its ``k`` nearest spatial neighbours, so short distances are always among a batch's pairs
+    while the other in-batch pairs cover random far distances. Under DDP each rank takes a disjoint
+    slice of the epoch's order (no padding, no duplicates; up to ``world_size - 1`` cells per epoch
+    are left out, a different few each epoch), and every rank gets the same number of batches.
+
+    Args:
+        neighbors: (n, k) indices of each cell's spatial neighbours (local row ids), or ``None`` for
+            plain random batches.
+        batch_size: cells per batch (anchors + neighbours).
+        seed: base seed; the order depends on (seed, epoch) only.
+        rank, world_size: this process's shard.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        neighbors: np.ndarray | None,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.n = n
+        self.neighbors = neighbors
+        self.per_batch = max(batch_size // 2, 1) if neighbors is not None else batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def _shard_size(self) -> int:
+        return self.n // self.world_size if self.world_size > 1 else self.n
+
+    def __len__(self) -> int:
+        m = self._shard_size()
+        return m // self.per_batch if self.drop_last else math.ceil(m / self.per_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n)
+        m = self._shard_size()
+        shard = order[self.rank * m : (self.rank + 1) * m]
+        partner = None
+        if self.neighbors is not None:
+            pick = np.random.default_rng([self.seed, self.epoch, 1 + self.rank]).integers(
+                0, self.neighbors.shape[1], size=len(shard)
+            )
+            partner = self.neighbors[shard, pick]
+        for b in range(len(self)):
+            anchors = shard[b * self.per_batch : (b + 1) * self.per_batch]
+            if partner is None:
+                yield anchors.tolist()
+            else:
+                mates = partner[b * self.per_batch : (b + 1) * self.per_batch]
+                yield np.stack([anchors, mates], axis=1).ravel().tolist()
+
+
+class ReferenceDataModule(L.LightningDataModule):
+    """A reference spatial section as training and validation batches.
+
+    Reads an ``.h5ad`` (backed when large), applies the input hygiene (drops ``Blank*`` features and
+    cells with zero total expression; cells with non-finite coordinates are an error unless
+    ``drop_nonfinite``), selects the most variable genes on the reference, keeps raw values of the
+    selected genes in a CSR matrix (never densified whole), standardises coordinates with one
+    centre and one scale for all axes, and holds out a seeded validation fraction of cells.
+
+    Args:
+        reference: path of an ``.h5ad`` file, the name of an embedded dataset (``osmfish``), or an
+            in-memory AnnData.
+        spatial_key: ``obsm`` key of the coordinates (2-D or 3-D).
+        layer: take expression from this layer instead of ``X``.
+        n_genes: number of most variable genes to keep (0: all).
+        normalize, log1p: ``auto``/``true``/``false``; ``auto`` normalises count data to 1e4 per
+            cell and log-transforms non-negative data.
+        scale: centre and scale each gene's transformed values on the reference.
+        val_fraction: fraction of reference cells held out for validation (0: none).
+        batch_size: cells per training batch.
+        neighbor_pairs: pair each sampled cell with a random one of its ``n_neighbors`` nearest
+            spatial neighbours in the batch.
+        n_neighbors: size of the spatial neighbourhood that partners are drawn from.
+        seed: seed of the validation split and of batch order.
+        min_cells: fewest usable cells accepted.
+        drop_nonfinite: drop cells with NaN/infinite coordinates instead of failing.
+        backed: ``auto``, ``true`` or ``false`` (see :func:`dpvae.io.read_h5ad`).
+        chunk_size: rows read at a time.
+        require_counts: the likelihood needs raw non-negative integer counts.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        reference: str | Path | ad.AnnData = "osmfish",
+        spatial_key: str = "spatial",
+        layer: str | None = None,
+        n_genes: int = 2000,
+        normalize: str | bool = "auto",
+        log1p: str | bool = "auto",
+        scale: bool = True,
+        val_fraction: float = 0.1,
+        batch_size: int = 256,
+        neighbor_pairs: bool = True,
+        n_neighbors: int = 8,
+        seed: int = 0,
+        min_cells: int = 10,
+        drop_nonfinite: bool = False,
+        backed: str | bool = "auto",
+        backed_threshold_mb: float = 1024.0,
+        chunk_size: int = 10_000,
+        require_counts: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 2:
+            raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
+        self.reference = reference
+        self.spatial_key = spatial_key
+        self.layer = layer
+        self.n_genes_requested = n_genes
+        self.normalize = normalize
+        self.log1p = log1p
+        self.scale = scale
+        self.val_fraction = val_fraction
+        self.batch_size = batch_size
+        self.neighbor_pairs = neighbor_pairs
+        self.n_neighbors = n_neighbors
+        self.seed = seed
+        self.min_cells = min_cells
+        self.drop_nonfinite = drop_nonfinite
+        self.backed = backed
+        self.backed_threshold_mb = backed_threshold_mb
+        self.chunk_size = chunk_size
+        self.require_counts = require_counts
+        self.num_workers = num_workers
+        self._ready = False
+
+    # ------------------------------------------------------------------ setup
+    def _open(self) -> ad.AnnData:
+        if isinstance(self.reference, ad.AnnData):
+            return self.reference
+        return read_h5ad(self.reference, self.backed, self.backed_threshold_mb)
+
+    def prepare_data(self) -> None:
+        """Fail early (before any process is spawned) on a missing or unreadable file."""
+        if not isinstance(self.reference, ad.AnnData):
+            read_h5ad(self.reference, backed=True)
+
+    @staticmethod
+    def _flag(value: str | bool, auto: bool, name: str) -> bool:
+        if value == "auto":
+            return auto
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"data.{name} must be auto, true or false, got {value!r}")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, clean, select genes and split (idempotent; the same on every DDP rank)."""
+        if self._ready:
+            return
+        adata = self._open()
+        coords = get_coordinates(adata, self.spatial_key)
+        matrix = get_matrix(adata, self.layer)
+        cell_names = np.asarray(adata.obs_names).astype(str)
+
+        finite = np.all(np.isfinite(coords), axis=1)
+        if not finite.all():
+            bad = int((~finite).sum())
+            if not self.drop_nonfinite:
+                raise DataError(
+                    f"{bad} cells have non-finite coordinates in obsm['{self.spatial_key}']; "
+                    "remove them or set data.drop_nonfinite=true"
+                )
+            warnings.warn(f"dropping {bad} cells with non-finite coordinates", stacklevel=2)
+        gene_mask = blank_feature_mask(adata.var_names)
+        if not gene_mask.any():
+            raise DataError("no genes left after dropping Blank* control features")
+        rows = np.flatnonzero(finite)
+        stats = scan_matrix(matrix, rows, gene_mask, self.chunk_size)
+        totals = np.asarray(stats["totals"])
+        nonzero = totals > 0
+        rows, totals = rows[nonzero], totals[nonzero]
+        if len(rows) < self.min_cells:
+            raise DataError(
+                f"only {len(rows)} usable cells (non-zero expression, finite coordinates); "
+                f"dpvae needs at least {self.min_cells}"
+            )
+        minimum = float(stats["minimum"])
+        count_data = bool(stats["is_integer"]) and minimum >= 0
+        if self.require_counts:
+            if minimum < 0:
+                raise DataError(
+                    f"the likelihood needs raw counts but the data has negative values (min "
+                    f"{minimum:g}); use model.likelihood=gaussian or point data.layer at raw counts"
+                )
+            if not stats["is_integer"]:
+                raise DataError(
+                    "the likelihood needs raw integer counts but the data holds non-integer values "
+                    "(normalised?); use model.likelihood=gaussian or point data.layer at raw counts"
+                )
+        normalize = self._flag(self.normalize, count_data, "normalize")
+        log1p = self._flag(self.log1p, minimum >= 0, "log1p")
+        cols = select_genes(
+            matrix,
+            rows,
+            gene_mask,
+            totals,
+            self.n_genes_requested,
+            normalize,
+            log1p,
+            self.chunk_size,
+        )
+        raw = extract_rows(matrix, rows, cols, self.chunk_size)
+        coords = coords[rows]
+
+        n = len(rows)
+        n_val = int(round(self.val_fraction * n))
+        if self.val_fraction > 0 and (n_val < 2 or n - n_val < self.min_cells):
+            raise DataError(
+                f"{n} usable cells are too few to hold out data.val_fraction={self.val_fraction} "
+                "for validation; lower it (0 disables validation) or use a larger reference"
+            )
+        perm = np.random.default_rng(self.seed).permutation(n)
+        val_idx = np.sort(perm[:n_val])
+        train_idx = np.sort(perm[n_val:])
+
+        train_coords = coords[train_idx]
+        center = train_coords.mean(axis=0)
+        spread = float(np.sqrt(np.mean((train_coords - center) ** 2)))
+        if not spread > 0:
+            raise DataError("all reference cells sit at the same position; coordinates are needed")
+        nn_dist = cKDTree(train_coords).query(train_coords, k=2)[0][:, 1]
+        if self.scale:
+            mean, std = gene_moments(raw[train_idx], normalize, log1p, self.chunk_size)
+        else:
+            mean, std = np.zeros(0), np.zeros(0)
+        genes = [str(g) for g in np.asarray(adata.var_names)[cols]]
+        self.preprocessor = Preprocessor(
+            genes=genes,
+            count_data=count_data,
+            normalize=normalize,
+            log1p=log1p,
+            gene_mean=mean.tolist(),
+            gene_std=std.tolist(),
+            coord_center=center.tolist(),
+            coord_scale=spread,
+            ref_nn_distance=float(np.median(nn_dist)),
+        )
+        std_coords = self.preprocessor.coords_to_model(coords)
+        self.raw = raw
+        self.coords = coords
+        self.cell_names = cell_names[rows]
+        self.train_idx = train_idx
+        self.val_idx = val_idx
+        self.train_set = CellDataset(raw[train_idx], std_coords[train_idx], train_idx)
+        self.val_set = CellDataset(raw[val_idx], std_coords[val_idx], val_idx)
+        self.all_set = CellDataset(raw, std_coords, np.arange(n))
+        self.train_neighbors = None
+        if self.neighbor_pairs:
+            k = min(self.n_neighbors, len(train_idx) - 1)
+            _, nbrs = cKDTree(std_coords[train_idx]).query(std_coords[train_idx], k=k + 1)
+            self.train_neighbors = nbrs[:, 1:].reshape(len(train_idx), k)
+        self._ready = True
+
+    # ------------------------------------------------------------ properties
+    @property
+    def n_genes(self) -> int:
+        """Number of genes the model sees."""
+        return len(self.preprocessor.genes)
+
+    @property
+    def spatial_dim(self) -> int:
+        """2 or 3."""
+        return self.preprocessor.spatial_dim
+
+    def _dist(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    # ----------------------------------------------------------- dataloaders
+    def _loader(self, dataset: CellDataset, sampler: Sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._dist()
+        sampler = PairedBatchSampler(
+            len(self.train_set), self.train_neighbors, self.batch_size, self.seed, rank, world
+        )
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.val_set) == 0:
+            return []
+        rank, world = self._dist()
+        shard = np.array_split(np.arange(len(self.val_set)), world)[rank]
+        return self._loader(self.val_set, _FixedBatches(shard, self.batch_size))
+
+    def predict_dataloader(self) -> DataLoader:
+        """All reference cells in file order (train and validation)."""
+        return self._loader(self.all_set, _FixedBatches(np.arange(len(self.all_set)), 4096))
+
+
+class _FixedBatches(Sampler[list[int]]):
+    """Consecutive batches over a fixed list of rows."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int) -> None:
+        self.rows = np.asarray(rows)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.rows), self.batch_size):
+            yield self.rows[start : start + self.batch_size].tolist()

@@ -1,0 +1,201 @@
+"""Reading spatial AnnData files safely, chunk by chunk.
+
+Everything that touches a user's file goes through here so that a wrong path, a file that is not
+``.h5ad``, missing or broken coordinates all give one clear :class:`~dpvae.errors.DataError` line.
+Large files are opened in backed mode and their matrices are only ever read in row chunks, so a
+sparse matrix is never densified whole.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from dpvae.data import EMBEDDED, embedded_path
+from dpvae.errors import DataError
+
+#: Feature-name prefix of MERFISH negative-control barcodes, dropped by the input hygiene.
+BLANK_PREFIX = "Blank"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Turn a user's data argument into a file path: an embedded dataset name or a real path."""
+    text = str(path)
+    if text in EMBEDDED:
+        return embedded_path(text)
+    return Path(text).expanduser()
+
+
+def read_h5ad(
+    path: str | Path, backed: bool | str = "auto", backed_threshold_mb: float = 1024.0
+) -> ad.AnnData:
+    """Open an ``.h5ad`` file, in backed (read-only, on-disk) mode when it is large.
+
+    Args:
+        path: a file path or the name of an embedded dataset (``osmfish``).
+        backed: ``True`` or ``False`` to force a mode, ``"auto"`` to go backed above
+            ``backed_threshold_mb``.
+        backed_threshold_mb: file size from which ``"auto"`` opens the file backed.
+
+    Raises:
+        DataError: the file does not exist, is a folder, is not HDF5 or is not AnnData.
+    """
+    p = resolve_path(path)
+    if not p.exists():
+        hint = f" (embedded datasets: {', '.join(sorted(EMBEDDED))})"
+        raise DataError(f"{p}: no such file; give the path of an .h5ad file{hint}")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not an .h5ad file; give the path of the file itself")
+    if not h5py.is_hdf5(p):
+        raise DataError(
+            f"{p}: not an .h5ad file (not HDF5); save your data with AnnData.write_h5ad first"
+        )
+    if backed == "auto":
+        backed = p.stat().st_size > backed_threshold_mb * 2**20
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ad.read_h5ad(p, backed="r" if backed else None)
+    except Exception as exc:  # anndata raises many kinds for a malformed file
+        raise DataError(
+            f"{p}: could not be read as AnnData ({type(exc).__name__}: {exc}); "
+            "check that it was written with AnnData.write_h5ad"
+        ) from exc
+
+
+def get_coordinates(adata: ad.AnnData, key: str = "spatial") -> np.ndarray:
+    """Return the cells' coordinates ``obsm[key]`` as a float64 array of shape (n, 2 or 3).
+
+    Raises:
+        DataError: no such key, or not a 2-D/3-D numeric array with one row per cell.
+    """
+    if key not in adata.obsm:
+        have = ", ".join(sorted(adata.obsm.keys())) or "none"
+        raise DataError(
+            f"no coordinates under obsm['{key}'] (obsm keys: {have}); "
+            "set data.spatial_key to the key that holds them"
+        )
+    coords = adata.obsm[key]
+    if hasattr(coords, "to_numpy"):
+        coords = coords.to_numpy()
+    try:
+        coords = np.asarray(coords, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"obsm['{key}'] is not numeric ({exc}); store coordinates as numbers"
+        ) from exc
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] not in (2, 3):
+        raise DataError(
+            f"obsm['{key}'] has shape {coords.shape}; expected ({adata.n_obs}, 2) or "
+            f"({adata.n_obs}, 3), one row of x, y[, z] per cell"
+        )
+    return coords
+
+
+def get_matrix(adata: ad.AnnData, layer: str | None = None) -> Any:
+    """The expression matrix to use: ``X`` or ``layers[layer]`` (possibly backed)."""
+    if layer is None:
+        if adata.X is None:
+            raise DataError("the file has no expression matrix X; store expression in X or a layer")
+        return adata.X
+    if layer not in adata.layers:
+        have = ", ".join(sorted(adata.layers.keys())) or "none"
+        raise DataError(
+            f"no layer '{layer}' (layers: {have}); set data.layer to one of them or null"
+        )
+    return adata.layers[layer]
+
+
+def iter_row_chunks(
+    matrix: Any, chunk_size: int = 10_000, rows: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, sp.csr_matrix | np.ndarray]]:
+    """Yield ``(row_indices, block)`` over ``matrix`` in row chunks.
+
+    ``block`` is a CSR matrix for sparse input and a float array for dense input; it is never larger
+    than ``chunk_size`` rows, so backed and sparse matrices are never densified whole.
+    ``rows`` restricts (and orders) the rows visited; it must be increasing for backed matrices.
+    """
+    n = matrix.shape[0]
+    order = np.arange(n) if rows is None else np.asarray(rows)
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        contiguous = len(idx) > 0 and idx[-1] - idx[0] == len(idx) - 1
+        block = matrix[idx[0] : idx[-1] + 1] if contiguous else matrix[idx]
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+        elif hasattr(block, "to_memory"):
+            block = block.to_memory()
+        else:
+            block = np.asarray(block)
+        yield idx, block
+
+
+def blank_feature_mask(var_names: Sequence[str]) -> np.ndarray:
+    """True for features to keep: everything whose name does not start with ``Blank``."""
+    return np.array([not str(g).startswith(BLANK_PREFIX) for g in var_names], dtype=bool)
+
+
+def align_genes(
+    adata: ad.AnnData, genes: Sequence[str], layer: str | None = None, chunk_size: int = 10_000
+) -> tuple[sp.csr_matrix, int]:
+    """Expression of ``genes`` (in that order) for every cell, missing genes as zero columns.
+
+    Returns the CSR matrix (float32) and the number of genes missing from ``adata``.
+
+    Raises:
+        DataError: ``adata`` shares no gene with ``genes`` or has no cells.
+    """
+    if adata.n_obs == 0:
+        raise DataError("the query has no cells; give a file with at least one cell")
+    position = {str(g): i for i, g in enumerate(adata.var_names)}
+    src = np.array([position.get(str(g), -1) for g in genes])
+    present = src >= 0
+    if not present.any():
+        raise DataError(
+            f"the query shares no gene with the model's {len(genes)} genes (e.g. "
+            f"{', '.join(map(str, list(genes)[:3]))}); check that both use the same gene ids"
+        )
+    matrix = get_matrix(adata, layer)
+    dst_cols = np.flatnonzero(present)
+    src_cols = src[present]
+    blocks = []
+    for _, block in iter_row_chunks(matrix, chunk_size):
+        sub = block[:, src_cols]
+        sub = sp.csr_matrix(sub, dtype=np.float32)
+        # scatter into the model's gene order
+        scatter = sp.csr_matrix(
+            (np.ones(len(src_cols), dtype=np.float32), (np.arange(len(src_cols)), dst_cols)),
+            shape=(len(src_cols), len(genes)),
+        )
+        blocks.append(sub @ scatter)
+    out = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(genes)))
+    return out.astype(np.float32), int((~present).sum())
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write ``adata`` to ``path`` through a temporary file in the same folder and a rename.
+
+    An interrupted write never leaves a half-written file at ``path``, and an existing file there
+    is only replaced once the new one is complete.
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

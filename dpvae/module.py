@@ -1,0 +1,235 @@
+"""The dp-VAE LightningModule: encoder + decoder + likelihood + distance regularizer.
+
+Loss per batch::
+
+    loss = (reconstruction + beta * KL) / n_genes + alpha * regularizer
+
+The reconstruction (negative log-likelihood summed over genes) and the KL divergence are divided by
+the number of genes, so that ``alpha`` means the same whatever the gene panel; the regularizer is
+off (weight 0, still logged) for the first ``warmup_epochs`` epochs of plain VAE training. When it
+switches on, lambda is re-initialised from the median ratio of latent to spatial distance in that
+batch, averaged over processes so every DDP rank starts from the same value.
+
+Hyperparameters are plain data (component specs with ``_target_``, the preprocessing state), so
+``DPVAE.load_from_checkpoint(path)`` rebuilds the model on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from dpvae.config import instantiate, to_plain
+from dpvae.likelihoods import Likelihood
+from dpvae.nn import Decoder, Encoder
+from dpvae.preprocess import ExpressionTransform, Preprocessor, to_dense
+from dpvae.regularizers import DistanceRegularizer
+from dpvae.regularizers.base import pair_distances
+
+DEFAULT_ENCODER = {"_target_": "dpvae.nn.MLPEncoder"}
+DEFAULT_DECODER = {"_target_": "dpvae.nn.MLPDecoder"}
+DEFAULT_LIKELIHOOD = {"_target_": "dpvae.likelihoods.GaussianLikelihood"}
+DEFAULT_REGULARIZER = {"_target_": "dpvae.regularizers.DPRegularizer"}
+
+
+def batch_pairs(coords: Tensor, min_distance: float = 1e-12) -> Tensor:
+    """All index pairs ``i < j`` of a batch whose cells are at distinct positions, shape (2, P)."""
+    n = coords.shape[0]
+    pairs = torch.triu_indices(n, n, offset=1, device=coords.device)
+    d = torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
+    return pairs[:, d > min_distance]
+
+
+class DPVAE(L.LightningModule):
+    """Distance-preserving VAE.
+
+    Args:
+        n_genes: number of input genes (``len(preprocess['genes'])``).
+        preprocess: :meth:`Preprocessor.to_dict` of the reference's preprocessing.
+        encoder, decoder, likelihood, regularizer: component specs, mappings with ``_target_`` and
+            keyword arguments (the ``conf/model/*`` YAML files).
+        latent_dim: latent dimension.
+        beta: weight of the KL divergence.
+        alpha: weight of the distance regularizer once it is on.
+        warmup_epochs: epochs of plain VAE training before the regularizer switches on.
+        lr, weight_decay: AdamW settings.
+        distance_on: ``mean`` (the posterior mean, the embedding used for prediction) or ``sample``
+            (a reparameterised sample) enters the regularizer.
+    """
+
+    scale_initialised: Tensor
+
+    def __init__(
+        self,
+        n_genes: int,
+        preprocess: Mapping[str, Any],
+        encoder: Mapping[str, Any] | None = None,
+        decoder: Mapping[str, Any] | None = None,
+        likelihood: Mapping[str, Any] | None = None,
+        regularizer: Mapping[str, Any] | None = None,
+        latent_dim: int = 16,
+        beta: float = 0.5,
+        alpha: float = 3.0,
+        warmup_epochs: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        distance_on: str = "mean",
+    ) -> None:
+        super().__init__()
+        specs = {
+            "encoder": to_plain(encoder) or DEFAULT_ENCODER,
+            "decoder": to_plain(decoder) or DEFAULT_DECODER,
+            "likelihood": to_plain(likelihood) or DEFAULT_LIKELIHOOD,
+            "regularizer": to_plain(regularizer) or DEFAULT_REGULARIZER,
+        }
+        preprocess = dict(to_plain(preprocess))
+        self.save_hyperparameters(
+            {
+                "n_genes": int(n_genes),
+                "preprocess": preprocess,
+                **specs,
+                "latent_dim": int(latent_dim),
+                "beta": float(beta),
+                "alpha": float(alpha),
+                "warmup_epochs": int(warmup_epochs),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "distance_on": str(distance_on),
+            }
+        )
+        if distance_on not in ("mean", "sample"):
+            raise ValueError(f"distance_on must be 'mean' or 'sample', got {distance_on!r}")
+        self.preprocessor = Preprocessor.from_dict(preprocess)
+        self.transform = ExpressionTransform.from_preprocessor(self.preprocessor)
+        self.likelihood: Likelihood = instantiate(specs["likelihood"], n_genes=n_genes)
+        self.encoder: Encoder = instantiate(specs["encoder"], n_input=n_genes, n_latent=latent_dim)
+        self.decoder: Decoder = instantiate(
+            specs["decoder"], n_latent=latent_dim, n_output=n_genes * self.likelihood.n_params
+        )
+        self.regularizer: DistanceRegularizer = instantiate(specs["regularizer"])
+        # whether lambda was re-initialised at switch-on; saved so a resumed run does not redo it
+        self.register_buffer("scale_initialised", torch.tensor(False))
+
+    # ------------------------------------------------------------------ model
+    def encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw expression (B, G) -> (posterior mean, log-variance, library size)."""
+        x, library = self.transform(raw)
+        mu, logvar = self.encoder(x)
+        return mu, logvar, library
+
+    def forward(self, raw: Tensor) -> Tensor:
+        """The latent embedding (posterior mean) of raw expression (B, G)."""
+        return self.encode(raw)[0]
+
+    def regularizer_on(self) -> bool:
+        """Whether the distance term is part of the training loss in the current epoch."""
+        return self.current_epoch >= self.hparams["warmup_epochs"]
+
+    def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        raw, coords = batch["raw"], batch["coords"]
+        x, library = self.transform(raw)
+        mu, logvar = self.encoder(x)
+        if self.training:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        else:
+            z = mu
+        decoded = self.decoder(z)
+        target = raw if self.likelihood.requires_counts else x
+        n_genes = self.hparams["n_genes"]
+        recon = self.likelihood.nll(decoded, target, library).mean() / n_genes
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean() / n_genes
+        emb = mu if self.hparams["distance_on"] == "mean" else z
+        pairs = batch_pairs(coords)
+        if pairs.shape[1] == 0:
+            reg = emb.sum() * 0.0
+        else:
+            if self.training and self.regularizer_on() and not bool(self.scale_initialised):
+                self._init_scale(emb.detach(), coords, pairs)
+            reg = self.regularizer(emb, coords, pairs)
+        out = {"recon": recon, "kl": kl, "reg": reg}
+        out["elbo_loss"] = recon + self.hparams["beta"] * kl
+        return out
+
+    def _init_scale(self, emb: Tensor, coords: Tensor, pairs: Tensor) -> None:
+        dz, d = pair_distances(emb, coords, pairs)
+        ratio = torch.median(dz / d.clamp_min(1e-12))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            ratio = trainer.strategy.reduce(ratio, reduce_op="mean")
+        self.regularizer.reset_scale(float(ratio))
+        self.scale_initialised.fill_(True)
+
+    def _log_terms(self, stage: str, terms: Mapping[str, Tensor], loss: Tensor, n: int) -> None:
+        on_step = stage == "train"
+        values = {f"{stage}/{k}": v.detach() for k, v in terms.items() if k != "elbo_loss"}
+        values[f"{stage}/loss"] = loss.detach()
+        lam = self.regularizer.scale()
+        if lam is not None:
+            values[f"{stage}/lambda"] = lam.detach()
+        self.log_dict(
+            values,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=n,
+            sync_dist=not on_step,
+            prog_bar=False,
+        )
+        self.log(
+            f"{stage}/loss_bar",
+            loss.detach(),
+            prog_bar=True,
+            logger=False,
+            batch_size=n,
+            on_step=on_step,
+            on_epoch=not on_step,
+            sync_dist=not on_step,
+        )
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        terms = self._losses(batch)
+        weight = self.hparams["alpha"] if self.regularizer_on() else 0.0
+        loss = terms["elbo_loss"] + weight * terms["reg"]
+        self._log_terms("train", terms, loss, batch["raw"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        terms = self._losses(batch)
+        loss = terms["elbo_loss"] + self.hparams["alpha"] * terms["reg"]
+        self._log_terms("val", terms, loss, batch["raw"].shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+        )
+
+    # ------------------------------------------------------------ prediction
+    @property
+    def genes(self) -> list[str]:
+        """The model's genes, in input order."""
+        return list(self.preprocessor.genes)
+
+    def scale_value(self) -> float:
+        """lambda (latent units per standardised spatial unit), 1.0 for scale-free regularizers."""
+        lam = self.regularizer.scale()
+        return 1.0 if lam is None else float(lam.detach())
+
+    @torch.no_grad()
+    def embed(self, raw: sp.spmatrix | np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Latent embedding (posterior mean) of raw expression rows in the model's gene order."""
+        was_training = self.training
+        self.eval()
+        out = []
+        for start in range(0, raw.shape[0], batch_size):
+            block = raw[start : start + batch_size]
+            tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
+            out.append(self(tensor).cpu().numpy())
+        self.train(was_training)
+        if not out:
+            return np.zeros((0, self.hparams["latent_dim"]), dtype=np.float32)
+        return np.concatenate(out)

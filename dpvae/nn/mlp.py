@@ -1,0 +1,53 @@
+"""A configurable multilayer perceptron shared by the MLP encoder and decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from dpvae.errors import ConfigError
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+_NORMS = ("batch", "layer", "none")
+
+
+def mlp(
+    n_in: int,
+    hidden: Sequence[int],
+    dropout: float = 0.0,
+    norm: str = "batch",
+    activation: str = "relu",
+) -> nn.Sequential:
+    """Hidden layers ``Linear -> norm -> activation -> dropout`` for each width in ``hidden``.
+
+    The output width is ``hidden[-1]`` (or ``n_in`` when ``hidden`` is empty).
+    """
+    if norm not in _NORMS:
+        raise ConfigError(f"unknown norm '{norm}'; choose one of: {', '.join(_NORMS)}")
+    if activation not in _ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation '{activation}'; choose one of: {', '.join(sorted(_ACTIVATIONS))}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    layers: list[nn.Module] = []
+    width = n_in
+    for h in hidden:
+        if int(h) <= 0:
+            raise ConfigError(f"hidden layer widths must be positive, got {list(hidden)}")
+        layers.append(nn.Linear(width, int(h)))
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(int(h)))
+        elif norm == "layer":
+            layers.append(nn.LayerNorm(int(h)))
+        layers.append(_ACTIVATIONS[activation]())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = int(h)
+    return nn.Sequential(*layers)
+
+
+def out_width(n_in: int, hidden: Sequence[int]) -> int:
+    """Width of the output of :func:`mlp`."""
+    return int(hidden[-1]) if len(hidden) else n_in

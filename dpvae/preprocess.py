@@ -1,0 +1,227 @@
+"""What a model must repeat at prediction time: gene order, normalisation, coordinate frame.
+
+:class:`Preprocessor` is learned from the reference cells only (gene selection, per-gene centring and
+scaling, the coordinate centre and its single scale) and is stored in the checkpoint as plain data,
+so a trained model predicts on a new file with no datamodule and no training config around.
+:class:`ExpressionTransform` is its torch half, applied to every batch of raw expression inside the
+model, on whatever device the model lives on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from dpvae.errors import DataError
+from dpvae.io import iter_row_chunks
+
+TARGET_SUM = 1e4
+
+
+@dataclass
+class Preprocessor:
+    """Expression and coordinate preprocessing learned on the reference.
+
+    Attributes:
+        genes: the model's genes, in its input order.
+        count_data: every value of the reference matrix is a non-negative integer.
+        normalize: divide each cell by its total over ``genes`` and multiply by ``target_sum``.
+        log1p: apply ``log(1 + x)`` after normalisation.
+        gene_mean, gene_std: per-gene centring and scaling of the transformed values (empty: none).
+        coord_center: the reference's coordinate centroid (original units).
+        coord_scale: one scale for all axes (original units per model unit), so distances keep
+            their ratios.
+        ref_nn_distance: the reference's median nearest-neighbour distance (original units).
+    """
+
+    genes: list[str]
+    count_data: bool
+    normalize: bool
+    log1p: bool
+    target_sum: float = TARGET_SUM
+    gene_mean: list[float] = field(default_factory=list)
+    gene_std: list[float] = field(default_factory=list)
+    coord_center: list[float] = field(default_factory=list)
+    coord_scale: float = 1.0
+    ref_nn_distance: float = 1.0
+
+    @property
+    def spatial_dim(self) -> int:
+        """Number of spatial axes (2 or 3)."""
+        return len(self.coord_center)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, safe to store in a checkpoint's hyperparameters."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+    def coords_to_model(self, coords: np.ndarray) -> np.ndarray:
+        """Original coordinates -> the model's standardised frame."""
+        return (
+            np.asarray(coords, dtype=np.float64) - np.asarray(self.coord_center)
+        ) / self.coord_scale
+
+    def coords_from_model(self, coords: np.ndarray) -> np.ndarray:
+        """The model's standardised frame -> original coordinates."""
+        return np.asarray(coords, dtype=np.float64) * self.coord_scale + np.asarray(
+            self.coord_center
+        )
+
+
+def to_dense(block: Any) -> np.ndarray:
+    """A sparse or dense block of rows as a dense float64 array."""
+    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+
+
+def _log_transform(
+    block: np.ndarray, totals: np.ndarray, normalize: bool, log1p: bool
+) -> np.ndarray:
+    x = block
+    if normalize:
+        x = x / np.maximum(totals, 1e-12)[:, None] * TARGET_SUM
+    if log1p:
+        x = np.log1p(np.maximum(x, 0.0))
+    return x
+
+
+def scan_matrix(
+    matrix: Any, rows: np.ndarray, gene_mask: np.ndarray, chunk_size: int
+) -> dict[str, np.ndarray | bool | float]:
+    """One chunked pass over the kept rows and genes: cell totals, integer check, minimum."""
+    totals = np.zeros(len(rows))
+    is_integer = True
+    minimum = np.inf
+    pos = 0
+    cols = np.flatnonzero(gene_mask)
+    for idx, block in iter_row_chunks(matrix, chunk_size, rows):
+        block = block[:, cols]
+        values = np.asarray(block.data if sp.issparse(block) else block).ravel()
+        if values.size:
+            minimum = min(minimum, float(values.min()))
+            if is_integer and not np.all(np.isfinite(values) & (values == np.round(values))):
+                is_integer = False
+            if not np.all(np.isfinite(values)):
+                raise DataError(
+                    "the expression matrix holds NaN or infinite values; remove or fill them first"
+                )
+        totals[pos : pos + len(idx)] = np.asarray(block.sum(axis=1)).ravel()
+        pos += len(idx)
+    if not np.isfinite(minimum):
+        minimum = 0.0
+    return {"totals": totals, "is_integer": is_integer, "minimum": minimum}
+
+
+def select_genes(
+    matrix: Any,
+    rows: np.ndarray,
+    gene_mask: np.ndarray,
+    totals: np.ndarray,
+    n_genes: int,
+    normalize: bool,
+    log1p: bool,
+    chunk_size: int,
+) -> np.ndarray:
+    """Indices (into all columns, increasing) of the ``n_genes`` most variable kept genes.
+
+    Variability is the variance of the normalised, log-transformed expression over the given rows.
+    """
+    cols = np.flatnonzero(gene_mask)
+    if n_genes <= 0 or n_genes >= len(cols):
+        return cols
+    s1 = np.zeros(len(cols))
+    s2 = np.zeros(len(cols))
+    pos = 0
+    for idx, block in iter_row_chunks(matrix, chunk_size, rows):
+        block = block[:, cols]
+        dense = to_dense(block)
+        x = _log_transform(dense.astype(np.float64), totals[pos : pos + len(idx)], normalize, log1p)
+        s1 += x.sum(axis=0)
+        s2 += (x * x).sum(axis=0)
+        pos += len(idx)
+    n = max(len(rows), 1)
+    var = s2 / n - (s1 / n) ** 2
+    top = np.argsort(-var, kind="stable")[:n_genes]
+    return np.sort(cols[top])
+
+
+def extract_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray, chunk_size: int) -> sp.csr_matrix:
+    """The given rows and columns as one float32 CSR matrix, read chunk by chunk."""
+    blocks = []
+    for _, block in iter_row_chunks(matrix, chunk_size, rows):
+        blocks.append(sp.csr_matrix(block[:, cols], dtype=np.float32))
+    if not blocks:
+        return sp.csr_matrix((0, len(cols)), dtype=np.float32)
+    return sp.vstack(blocks, format="csr")
+
+
+def gene_moments(
+    raw: sp.csr_matrix, normalize: bool, log1p: bool, chunk_size: int = 10_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and standard deviation of the transformed expression of ``raw``."""
+    n, g = raw.shape
+    s1 = np.zeros(g)
+    s2 = np.zeros(g)
+    for start in range(0, n, chunk_size):
+        block = raw[start : start + chunk_size].toarray().astype(np.float64)
+        x = _log_transform(block, block.sum(axis=1), normalize, log1p)
+        s1 += x.sum(axis=0)
+        s2 += (x * x).sum(axis=0)
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
+    return mean, np.where(std > 1e-8, std, 1.0)
+
+
+class ExpressionTransform(nn.Module):
+    """Raw expression (B, G) -> (model input (B, G), library size (B, 1)).
+
+    Library size is the cell's total over the model's genes. The input is that total-normalised
+    (when ``normalize``), ``log1p``-transformed (when ``log1p``) and, when per-gene moments are
+    given, centred, scaled and clipped to +-``clip``.
+    """
+
+    gene_mean: Tensor
+    gene_std: Tensor
+
+    def __init__(
+        self,
+        normalize: bool,
+        log1p: bool,
+        target_sum: float = TARGET_SUM,
+        gene_mean: Sequence[float] = (),
+        gene_std: Sequence[float] = (),
+        clip: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.log1p = log1p
+        self.target_sum = target_sum
+        self.clip = clip
+        self.scale = len(gene_mean) > 0
+        self.register_buffer("gene_mean", torch.tensor(list(gene_mean), dtype=torch.float32))
+        self.register_buffer("gene_std", torch.tensor(list(gene_std), dtype=torch.float32))
+
+    @classmethod
+    def from_preprocessor(cls, pre: Preprocessor) -> ExpressionTransform:
+        """Build the transform a :class:`Preprocessor` describes."""
+        return cls(pre.normalize, pre.log1p, pre.target_sum, pre.gene_mean, pre.gene_std)
+
+    def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        library = raw.sum(dim=1, keepdim=True)
+        x = raw
+        if self.normalize:
+            x = x / library.clamp_min(1e-12) * self.target_sum
+        if self.log1p:
+            x = torch.log1p(x.clamp_min(0.0))
+        if self.scale:
+            x = ((x - self.gene_mean) / self.gene_std).clamp(-self.clip, self.clip)
+        return x, library

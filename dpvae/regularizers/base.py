@@ -1,0 +1,81 @@
+"""The regularizer contract and the learned-scale base class."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def pair_distances(
+    z: Tensor, coords: Tensor, pairs: Tensor, eps: float = 1e-10
+) -> tuple[Tensor, Tensor]:
+    """Latent and spatial Euclidean distances of the index pairs ``pairs`` (2, P).
+
+    The latent distance is ``sqrt(|z_i - z_j|^2 + eps)`` so its gradient stays finite when two
+    codes coincide.
+    """
+    i, j = pairs
+    dz = torch.sqrt(((z[i] - z[j]) ** 2).sum(dim=-1) + eps)
+    d = torch.linalg.vector_norm(coords[i] - coords[j], dim=-1)
+    return dz, d
+
+
+class DistanceRegularizer(nn.Module):
+    """Base class of distance regularizers.
+
+    Contract:
+        * ``__init__(**options)``; every option has a default.
+        * ``forward(z, coords, pairs)`` returns a scalar loss >= 0 that is 0 when latent distances
+          are exactly proportional (or equal, for forms without a scale) to spatial distances on the
+          given pairs. ``z`` (B, L) are the cells' latent codes, ``coords`` (B, D) their standardised
+          coordinates (one scale for all axes), ``pairs`` (2, P) index pairs into the batch with
+          distinct positions (P >= 1). The datamodule builds batches so that ``pairs`` holds both
+          random far pairs and spatial-neighbour pairs.
+        * ``scale()`` returns lambda, the learned latent-per-spatial scale, as a 0-d tensor, or
+          ``None`` for a scale-free form; ``reset_scale(value)`` sets it (the model calls it once
+          when the regularizer switches on after the warm-up, with the median latent/spatial ratio).
+    """
+
+    def forward(self, z: Tensor, coords: Tensor, pairs: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def scale(self) -> Tensor | None:
+        """The learned latent-per-spatial scale lambda, or ``None``."""
+        return None
+
+    def reset_scale(self, value: float) -> None:
+        """Set lambda (no-op for scale-free forms)."""
+
+
+class ScaledDistanceRegularizer(DistanceRegularizer):
+    """A regularizer with a learned scale lambda, stored in log space and clamped.
+
+    Args:
+        init_scale: initial lambda (re-initialised when the regularizer switches on).
+        min_scale, max_scale: clamp of lambda.
+        learn_scale: learn lambda by gradient descent (else keep it fixed after the reset).
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 1.0,
+        min_scale: float = 1e-3,
+        max_scale: float = 1e3,
+        learn_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < min_scale <= init_scale <= max_scale:
+            raise ValueError("need 0 < min_scale <= init_scale <= max_scale")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
+        self.log_min = math.log(min_scale)
+        self.log_max = math.log(max_scale)
+
+    def scale(self) -> Tensor:
+        return torch.exp(self.log_scale.clamp(self.log_min, self.log_max))
+
+    def reset_scale(self, value: float) -> None:
+        clamped = min(max(math.log(max(value, 1e-30)), self.log_min), self.log_max)
+        with torch.no_grad():
+            self.log_scale.fill_(clamped)

@@ -1,0 +1,121 @@
+"""Bad input: one clear line, exit status 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _adata(n: int = 50, g: int = 6, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, size=(n, g)).astype(np.float32) + 1
+    a = ad.AnnData(X=sp.csr_matrix(x))
+    a.var_names = [f"g{i}" for i in range(g)]
+    a.obsm["spatial"] = rng.uniform(size=(n, 2))
+    return a
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    text = tmp / "notes.h5ad"
+    text.write_text("gene,x,y\n")
+    nocoord = _adata()
+    del nocoord.obsm["spatial"]
+    nocoord.obsm["xy"] = np.zeros((50, 2))
+    nocoord.write_h5ad(tmp / "nocoord.h5ad")
+    nonfinite = _adata()
+    nonfinite.obsm["spatial"][3, 0] = np.nan
+    nonfinite.write_h5ad(tmp / "nonfinite.h5ad")
+    _adata(n=5).write_h5ad(tmp / "tiny.h5ad")
+    negative = _adata()
+    negative.X = sp.csr_matrix(negative.X.toarray() - 2.5)
+    negative.write_h5ad(tmp / "negative.h5ad")
+    return {
+        "missing": ([f"data.reference={tmp / 'nope.h5ad'}"], "no such file"),
+        "not_h5ad": ([f"data.reference={text}"], "not an .h5ad file"),
+        "no_coords": (
+            [f"data.reference={tmp / 'nocoord.h5ad'}"],
+            r"no coordinates under obsm\['spatial'\].*xy",
+        ),
+        "nonfinite": (
+            [f"data.reference={tmp / 'nonfinite.h5ad'}"],
+            "1 cells have non-finite coordinates",
+        ),
+        "too_few": ([f"data.reference={tmp / 'tiny.h5ad'}"], "only 5 usable cells"),
+        "negative_counts": (
+            [f"data.reference={tmp / 'negative.h5ad'}", "model.likelihood=nb"],
+            "needs raw counts but the data has negative values",
+        ),
+        "unknown_key": (["trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'"),
+        "unknown_option": (
+            ["model.likelihood=poisson"],
+            "unknown option 'poisson'.*gaussian, nb, zinb",
+        ),
+    }
+
+
+CASES = [
+    "missing",
+    "not_h5ad",
+    "no_coords",
+    "nonfinite",
+    "too_few",
+    "negative_counts",
+    "unknown_key",
+    "unknown_option",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_exit_2(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, message = _bad_files(tmp_path)[case]
+    run_dir = tmp_path / "run"
+    code = train.main([*args, f"run_dir={run_dir}", "logger=none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("dpvae: error: ")
+    import re
+
+    assert re.search(message, err[0]), err[0]
+    assert not (run_dir / "model.ckpt").exists()
+
+
+def test_cli_has_no_traceback(tmp_path: Path) -> None:
+    """The real command: non-zero exit, one stderr line, no Python traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"data.reference={tmp_path / 'missing.h5ad'}",
+            "logger=none",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("dpvae: error: ")
+    assert "no such file" in proc.stderr
+
+
+def test_existing_run_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model.ckpt").write_bytes(b"precious")
+    code = train.main([f"run_dir={tmp_path}", "resume=false", "logger=none"])
+    assert code == 2
+    assert "already holds model.ckpt" in capsys.readouterr().err
+    assert (tmp_path / "model.ckpt").read_bytes() == b"precious"

@@ -1,0 +1,101 @@
+"""Config composition: option groups, overrides, strict keys, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpvae.config import group_options, instantiate, load_config
+from dpvae.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_defaults_compose_and_resolve() -> None:
+    cfg = load_config([], conf_dir=CONF)
+    assert cfg.model.regularizer._target_ == "dpvae.regularizers.DPRegularizer"
+    assert cfg.model.likelihood._target_ == "dpvae.likelihoods.GaussianLikelihood"
+    assert cfg.data.reference == "osmfish"
+    assert cfg.data.seed == cfg.seed  # interpolation resolved
+    assert cfg.logger.save_dir == cfg.run_dir
+    assert cfg.logger.offline is True
+
+
+def test_group_selection_and_value_override() -> None:
+    cfg = load_config(
+        [
+            "model.regularizer=stress",
+            "model.regularizer.init_scale=2.0",
+            "trainer.max_epochs=5",
+            "model.encoder.hidden=[64,32]",
+            "model.beta=1e-3",
+            "data.reference=x.h5ad",
+        ],
+        conf_dir=CONF,
+    )
+    assert cfg.model.regularizer._target_ == "dpvae.regularizers.StressRegularizer"
+    assert cfg.model.regularizer.init_scale == 2.0
+    assert cfg.trainer.max_epochs == 5
+    assert list(cfg.model.encoder.hidden) == [64, 32]
+    assert cfg.model.beta == pytest.approx(1e-3)
+    assert cfg.data.reference == "x.h5ad"
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.latnt_dim'.*latent_dim"):
+        load_config(["model.latnt_dim=3"], conf_dir=CONF)
+
+
+def test_unknown_option_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="unknown option 'strss'.*dp, none, stress"):
+        load_config(["model.regularizer=strss"], conf_dir=CONF)
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(["trainer.max_epochs"], conf_dir=CONF)
+
+
+def test_plus_adds_a_new_key() -> None:
+    cfg = load_config(["+trainer.fast_dev_run=true"], conf_dir=CONF)
+    assert cfg.trainer.fast_dev_run is True
+
+
+def test_option_from_yaml_path_and_user_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option = tmp_path / "alt.yaml"
+    option.write_text("_target_: dpvae.regularizers.StressRegularizer\ninit_scale: 3.0\n")
+    cfg = load_config([f"model.regularizer={option}"], conf_dir=CONF)
+    assert cfg.model.regularizer.init_scale == 3.0
+
+    root = tmp_path / "conf"
+    (root / "model" / "regularizer").mkdir(parents=True)
+    (root / "model" / "regularizer" / "mine.yaml").write_text("_target_: a.B\n")
+    monkeypatch.setenv("DPVAE_CONFIG_PATH", str(root))
+    assert "mine" in group_options(["model", "regularizer"], [root, CONF])
+    cfg = load_config(["model.regularizer=mine"], conf_dir=CONF)
+    assert cfg.model.regularizer._target_ == "a.B"
+
+
+def test_instantiate_errors_are_one_line() -> None:
+    with pytest.raises(ConfigError, match="cannot import"):
+        instantiate({"_target_": "no_such_module.Thing"})
+    with pytest.raises(ConfigError, match="cannot build dpvae.regularizers.DPRegularizer"):
+        instantiate({"_target_": "dpvae.regularizers.DPRegularizer", "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (["model", "encoder"], {"mlp"}),
+        (["model", "decoder"], {"mlp"}),
+        (["model", "likelihood"], {"gaussian", "nb", "zinb"}),
+        (["model", "regularizer"], {"dp", "stress", "none"}),
+        (["logger"], {"wandb", "csv", "none"}),
+        (["data"], {"reference"}),
+    ],
+)
+def test_groups_offer_expected_options(group: list[str], expected: set[str]) -> None:
+    assert expected <= set(group_options(group, [CONF]))

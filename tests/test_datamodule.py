@@ -1,0 +1,96 @@
+"""The reference datamodule: hygiene, gene selection, coordinates, paired and sharded batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
+
+from datamodules import PairedBatchSampler, ReferenceDataModule
+
+
+def _toy(tmp_path: Path, dim: int = 2) -> Path:
+    rng = np.random.default_rng(1)
+    n, g = 300, 40
+    x = rng.poisson(rng.gamma(0.5, 2.0, size=(n, g))).astype(np.float32)
+    x[:, 0] += rng.poisson(50, size=n)  # make sure every cell has counts
+    x[:, 5] = rng.poisson(np.linspace(0, 60, n))  # a strongly variable gene
+    x[7] = 0  # an empty cell
+    a = ad.AnnData(X=sp.csr_matrix(x))
+    a.var_names = [f"Blank-{i}" if i in (1, 2) else f"g{i}" for i in range(g)]
+    a.obs_names = [f"c{i}" for i in range(n)]
+    coords = rng.uniform(size=(n, dim)) * np.array([100.0, 10.0, 5.0][:dim])  # anisotropic
+    a.obsm["spatial"] = coords
+    path = tmp_path / f"toy{dim}.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def test_hygiene_gene_selection_and_single_scale(tmp_path: Path) -> None:
+    dm = ReferenceDataModule(_toy(tmp_path), n_genes=10, val_fraction=0.2, seed=3)
+    dm.setup()
+    pre = dm.preprocessor
+    assert "c7" not in set(dm.cell_names) and len(dm.cell_names) == 299
+    assert not any(g.startswith("Blank") for g in pre.genes) and len(pre.genes) == 10
+    assert pre.count_data and pre.normalize and pre.log1p
+    # one scale for all axes: standardised distances are the original ones divided by one number
+    std = dm.all_set.coords.numpy().astype(np.float64)
+    ratio = pdist(std) / pdist(dm.coords)
+    assert np.allclose(ratio, 1.0 / pre.coord_scale, rtol=1e-4)
+    np.testing.assert_allclose(pre.coords_from_model(std), dm.coords, rtol=1e-4, atol=1e-3)
+    # seeded, disjoint validation split of the requested size
+    assert len(dm.val_idx) == 60 and not set(dm.val_idx) & set(dm.train_idx)
+    dm2 = ReferenceDataModule(_toy(tmp_path), n_genes=10, val_fraction=0.2, seed=3)
+    dm2.setup()
+    np.testing.assert_array_equal(dm.val_idx, dm2.val_idx)
+
+
+def test_backed_mode_gives_the_same_data(tmp_path: Path) -> None:
+    path = _toy(tmp_path, dim=3)
+    mem = ReferenceDataModule(path, n_genes=12, backed=False, chunk_size=64)
+    disk = ReferenceDataModule(path, n_genes=12, backed=True, chunk_size=64)
+    mem.setup()
+    disk.setup()
+    assert mem.preprocessor == disk.preprocessor
+    assert (mem.raw != disk.raw).nnz == 0
+    assert mem.spatial_dim == 3
+
+
+def test_batches_carry_coordinates_and_neighbour_pairs(tmp_path: Path) -> None:
+    dm = ReferenceDataModule(_toy(tmp_path), n_genes=0, batch_size=32, n_neighbors=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["raw"].shape == (32, dm.n_genes) and batch["coords"].shape == (32, 2)
+    # every anchor (even position) is followed by one of its 4 nearest spatial neighbours
+    coords = dm.train_set.coords.numpy()
+    tree = cKDTree(coords)
+    local = {int(v): i for i, v in enumerate(dm.train_idx)}
+    rows = [local[int(i)] for i in batch["index"]]
+    for a, b in zip(rows[0::2], rows[1::2]):
+        _, nbrs = tree.query(coords[a], k=5)
+        assert b in set(nbrs[1:].tolist())
+
+
+def test_sampler_shards_are_disjoint_and_equal() -> None:
+    n, nbrs = 103, np.zeros((103, 1), dtype=int)
+    shards = [list(PairedBatchSampler(n, None, 10, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    cells = [sorted(i for b in s for i in b) for s in shards]
+    assert not set(cells[0]) & set(cells[1]) and len(cells[0]) == len(cells[1]) == 51
+    sampler = PairedBatchSampler(n, nbrs, 10, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new order every epoch
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0])
+def test_bad_val_fraction(bad: float) -> None:
+    from dpvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="val_fraction"):
+        ReferenceDataModule(val_fraction=bad)

@@ -1,0 +1,74 @@
+"""Likelihood log-probabilities against independent computations (scipy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dpvae.likelihoods import (
+    GaussianLikelihood,
+    NBLikelihood,
+    NegativeBinomial,
+    ZeroInflatedNegativeBinomial,
+    ZINBLikelihood,
+)
+
+rng = np.random.default_rng(0)
+
+
+def _random_counts(shape: tuple[int, int]) -> np.ndarray:
+    counts = rng.poisson(rng.gamma(0.5, 4.0, size=shape)).astype(np.float64)
+    counts[rng.random(shape) < 0.3] = 0.0
+    return counts
+
+
+def test_negative_binomial_matches_scipy() -> None:
+    x = _random_counts((50, 20))
+    mu = rng.gamma(1.0, 3.0, size=x.shape) + 1e-3
+    theta = rng.gamma(2.0, 1.0, size=x.shape) + 1e-2
+    ours = NegativeBinomial(torch.tensor(mu), torch.tensor(theta)).log_prob(torch.tensor(x))
+    ref = stats.nbinom.logpmf(x, theta, theta / (theta + mu))
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_zinb_matches_mixture() -> None:
+    x = _random_counts((40, 15))
+    mu = rng.gamma(1.0, 3.0, size=x.shape) + 1e-3
+    theta = rng.gamma(2.0, 1.0, size=x.shape) + 1e-2
+    logits = rng.normal(size=x.shape)
+    pi = 1 / (1 + np.exp(-logits))
+    nb = stats.nbinom.pmf(x, theta, theta / (theta + mu))
+    ref = np.log(np.where(x == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+    dist = ZeroInflatedNegativeBinomial(torch.tensor(mu), torch.tensor(theta), torch.tensor(logits))
+    np.testing.assert_allclose(dist.log_prob(torch.tensor(x)).numpy(), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dist.mean.numpy(), (1 - pi) * mu, rtol=1e-6)
+
+
+def test_gaussian_likelihood_matches_scipy() -> None:
+    lik = GaussianLikelihood(n_genes=7)
+    with torch.no_grad():
+        lik.log_std.copy_(torch.tensor(rng.normal(scale=0.5, size=7)))
+    x = rng.normal(size=(9, 7))
+    mean = rng.normal(size=(9, 7))
+    ours = lik.nll(torch.tensor(mean), torch.tensor(x), torch.ones(9, 1)).detach().numpy()
+    sd = np.exp(lik.log_std.detach().numpy())
+    ref = -stats.norm.logpdf(x, mean, sd).sum(axis=1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [NBLikelihood, ZINBLikelihood])
+def test_count_likelihoods_use_library_size(cls: type) -> None:
+    """The NB mean is softmax(logits) * library, so doubling depth doubles the mean."""
+    g = 6
+    lik = cls(n_genes=g)
+    decoded = torch.tensor(rng.normal(size=(4, g * cls.n_params)), dtype=torch.float32)
+    library = torch.tensor([[10.0], [20.0], [40.0], [80.0]])
+    mean = lik.distribution(decoded, library).mu
+    np.testing.assert_allclose(mean.sum(dim=1).numpy(), library.squeeze(1).numpy(), rtol=1e-5)
+    x = torch.tensor(_random_counts((4, g)), dtype=torch.float32)
+    nll = lik.nll(decoded, x, library)
+    assert nll.shape == (4,)
+    expected = -lik.distribution(decoded, library).log_prob(x).sum(dim=1)
+    torch.testing.assert_close(nll, expected)

@@ -1,0 +1,131 @@
+"""Training end to end: every conf option, checkpoints, resume, and learning on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+from scipy.stats import pearsonr
+
+import train
+from datamodules import ReferenceDataModule
+from dpvae.module import DPVAE
+from tests.conftest import shared_file
+
+FAST = ["trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"]
+
+# every option of every conf group appears at least once; latent sizes 2 and 3 included
+COMBOS = [
+    ["model.likelihood=gaussian", "model.regularizer=dp", "logger=csv", "model.latent_dim=2"],
+    [
+        "model.likelihood=nb",
+        "model.regularizer=stress",
+        "logger=none",
+        "model.latent_dim=3",
+        "model.encoder.norm=layer",
+        "model.decoder.norm=none",
+    ],
+    [
+        "model.likelihood=zinb",
+        "model.regularizer=none",
+        "logger=wandb",
+        "model.encoder.hidden=[32,16]",
+        "model.distance_on=sample",
+    ],
+]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "+".join(x.split("=")[1] for x in c[:3]))
+def test_every_option_trains(combo: list[str], osmfish_small: Path, tmp_path: Path) -> None:
+    run_dir = train.run(
+        [
+            *combo,
+            *FAST,
+            f"data.reference={osmfish_small}",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.max_epochs=2",
+            "model.warmup_epochs=1",
+            "data.batch_size=128",
+        ]
+    )
+    assert (run_dir / "model.ckpt").exists() and (run_dir / "config.yaml").exists()
+    emb = ad.read_h5ad(run_dir / "embedding.h5ad")
+    latent = int(next((c.split("=")[1] for c in combo if "latent_dim" in c), 16))
+    source = ad.read_h5ad(osmfish_small)
+    expected = int((np.asarray(source.X.sum(axis=1)).ravel() > 0).sum())  # empty cells dropped
+    assert expected < 1200 and emb.shape == (expected, latent)
+    assert np.isfinite(emb.X).all()
+    assert set(emb.obs["split"]) == {"train", "val"}
+    model = DPVAE.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+    # after the warm-up the scale was re-initialised from the data (not left at its init of 1.0)
+    if "model.regularizer=none" not in combo:
+        assert bool(model.scale_initialised)
+        assert model.scale_value() != pytest.approx(1.0, abs=1e-6)
+
+
+def test_checkpoint_round_trip_and_resume(
+    osmfish_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*FAST, "logger=none", f"data.reference={osmfish_small}", f"run_dir={tmp_path}"]
+    train.run([*args, "trainer.max_epochs=1"])
+    ckpt = torch.load(tmp_path / "model.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 0
+    model = DPVAE.load_from_checkpoint(tmp_path / "model.ckpt", map_location="cpu")
+    emb = ad.read_h5ad(tmp_path / "embedding.h5ad")
+    dm = ReferenceDataModule(osmfish_small)
+    dm.setup()
+    np.testing.assert_allclose(model.embed(dm.raw), emb.X, rtol=1e-5, atol=1e-5)
+    assert model.genes == list(emb.uns["dpvae"]["genes"])
+    # a second run with a larger budget resumes from that checkpoint instead of starting again
+    capsys.readouterr()
+    train.run([*args, "trainer.max_epochs=2"])
+    assert "resuming from" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "model.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * len(dm.train_dataloader())
+
+
+def test_training_on_real_data_learns_distances() -> None:
+    """MERFISH (non-count data with Blank controls): the distance term takes hold.
+
+    Measured: validation latent/spatial distance correlation -0.05 -> 0.38-0.39 after 8 epochs
+    (seeds 0, 1), the regularizer falling during training.
+    """
+    path = shared_file("merfish_hypothalamus_animal1_bregma0.21.h5ad")
+    L.seed_everything(0, verbose=False)
+    dm = ReferenceDataModule(path, seed=0)
+    dm.setup()
+    assert not any(g.startswith("Blank") for g in dm.preprocessor.genes)
+    assert not dm.preprocessor.count_data and not dm.preprocessor.normalize
+    model = DPVAE(dm.n_genes, dm.preprocessor.to_dict(), warmup_epochs=2)
+    val = dm.val_idx
+
+    def corr() -> float:
+        return float(pearsonr(pdist(model.embed(dm.raw[val])), pdist(dm.coords[val]))[0])
+
+    class Record(L.Callback):
+        reg: list[float] = []
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.reg.append(float(trainer.callback_metrics["train/reg_epoch"]))
+
+    before = corr()
+    record = Record()
+    trainer = L.Trainer(
+        max_epochs=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(model, dm)
+    after = corr()
+    assert before < 0.15
+    assert after > 0.3
+    assert record.reg[-1] < 0.9 * record.reg[2]  # falls once the term is on (epoch 2)
