@@ -33,7 +33,7 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
 def _callbacks(cfg: Any, run_dir: Path) -> list[Any]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from dpvae.config import instantiate
+    from dpvae.api import callbacks_from_config
 
     monitor = cfg.checkpoint.monitor
     callbacks: list[Any] = [
@@ -57,10 +57,7 @@ def _callbacks(cfg: Any, run_dir: Path) -> list[Any]:
                 mode=cfg.early_stopping.mode,
             )
         )
-    for spec in (cfg.get("callbacks") or {}).values():
-        if spec is not None and spec.get("_target_"):
-            callbacks.append(instantiate(spec))
-    return callbacks
+    return [*callbacks, *callbacks_from_config(cfg)]
 
 
 def _write_embedding(model: Any, dm: Any, path: Path, batch_size: int) -> None:
@@ -90,7 +87,8 @@ def run(overrides: list[str]) -> Path:
     from lightning.pytorch.utilities import rank_zero_only
     from omegaconf import OmegaConf
 
-    from dpvae.config import instantiate, load_config, locate, to_plain
+    from dpvae.api import build
+    from dpvae.config import instantiate, load_config, to_plain
     from dpvae.module import DPVAE
 
     cfg = load_config(overrides, conf_dir=CONF_DIR)
@@ -100,11 +98,7 @@ def run(overrides: list[str]) -> Path:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
 
-    likelihood_cls = locate(cfg.model.likelihood._target_)
-    dm = instantiate(cfg.data, require_counts=bool(getattr(likelihood_cls, "requires_counts", 0)))
-    dm.setup("fit")
-    model_cfg = to_plain(cfg.model)
-    model = DPVAE(n_genes=dm.n_genes, preprocess=dm.preprocessor.to_dict(), **model_cfg)
+    dm, model = build(cfg)
 
     logger: Any = False
     if cfg.logger is not None and cfg.logger.get("_target_"):

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from callbacks.spatial_validation import SpatialValidation
+
+__all__ = ["SpatialValidation"]

@@ -1,0 +1,97 @@
+"""Validation by the task itself: impute held-out cells' coordinates and score them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from dpvae.metrics import LatentDistortion, SpatialScores
+from dpvae.solver import impute
+
+
+class SpatialValidation(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, place the validation cells and log ``val/`` scores.
+
+    The validation cells are embedded, imputed against the training cells (``k`` latent neighbours,
+    :func:`dpvae.solver.impute`), and scored against their true coordinates with the benchmark's
+    metrics: ``val/dist_pearson``, ``val/dist_spearman``, ``val/knn10``, ``val/median_error``, plus
+    the latent distortion (``val/distortion_max_min``, ``val/distortion_p95_p5``) and best-scale
+    ``val/stress``. Under DDP every rank places its own shard of validation cells (the training
+    cells are embedded on every rank with the same weights) and the torchmetrics states gather
+    across ranks, ordered by cell id, so the logged values equal a single process's.
+
+    The datamodule must expose ``train_set`` and ``val_set`` with ``raw`` (CSR), ``coords``
+    (standardised) and ``index``, as :class:`datamodules.ReferenceDataModule` does.
+
+    Args:
+        every_n_epochs: run on every n-th validation epoch (and always on the last one).
+        k: latent neighbours per validation cell.
+        max_reference: at most this many training cells (a seeded subsample) serve as reference.
+        seed: seed of that subsample.
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 1, k: int = 10, max_reference: int = 50_000, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.every_n_epochs = max(int(every_n_epochs), 1)
+        self.k = k
+        self.max_reference = max_reference
+        self.seed = seed
+        self.scores: SpatialScores | None = None
+        self.distortion: LatentDistortion | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        module: Any = pl_module
+        pre = module.preprocessor
+        # standardised coordinates: the reference's median NN distance in model units
+        self.scores = SpatialScores(
+            task="impute", ref_nn_distance=pre.ref_nn_distance / pre.coord_scale
+        )
+        self.distortion = LatentDistortion()
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm: Any = trainer.datamodule  # type: ignore[attr-defined]
+        if not self._due(trainer) or dm is None or len(dm.val_set) == 0:
+            return
+        assert self.scores is not None and self.distortion is not None
+        device = pl_module.device
+        self.scores.to(device)
+        self.distortion.to(device)
+        train_set, val_set = dm.train_set, dm.val_set
+        ref_rows = np.arange(len(train_set))
+        if len(ref_rows) > self.max_reference:
+            rng = np.random.default_rng(self.seed)
+            ref_rows = np.sort(rng.choice(len(ref_rows), self.max_reference, replace=False))
+        ref_latent = torch.as_tensor(pl_module.embed(train_set.raw[ref_rows]), device=device)  # type: ignore[operator]
+        ref_coords = train_set.coords[ref_rows].to(device)
+        shard = np.array_split(np.arange(len(val_set)), trainer.world_size)[trainer.global_rank]
+        latent = torch.as_tensor(pl_module.embed(val_set.raw[shard]), device=device)  # type: ignore[operator]
+        coords = val_set.coords[shard].to(device)
+        index = val_set.index[shard].to(device)
+        lam = pl_module.scale_value()  # type: ignore[operator]
+        if len(shard):
+            pred = impute(
+                latent.double(),
+                ref_latent.double(),
+                ref_coords.double(),
+                scale=lam,
+                k=min(self.k, len(ref_rows)),
+            )
+            self.scores.update(pred.float(), coords, index)
+            self.distortion.update(latent, coords, index)
+        values = {**self.scores.compute(), **self.distortion.compute()}  # collective: every rank
+        self.scores.reset()
+        self.distortion.reset()
+        for name, value in values.items():
+            pl_module.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
