@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from callbacks.best_weights import BestWeights
 from callbacks.spatial_validation import SpatialValidation
 
-__all__ = ["SpatialValidation"]
+__all__ = ["BestWeights", "SpatialValidation"]

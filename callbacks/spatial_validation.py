@@ -31,16 +31,24 @@ class SpatialValidation(L.Callback):
         k: latent neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
         seed: seed of that subsample.
+        n_iter: stress-majorisation iterations of :func:`dpvae.solver.impute` (0: the neighbours'
+            distance-weighted mean alone).
     """
 
     def __init__(
-        self, every_n_epochs: int = 1, k: int = 10, max_reference: int = 50_000, seed: int = 0
+        self,
+        every_n_epochs: int = 1,
+        k: int = 10,
+        max_reference: int = 50_000,
+        seed: int = 0,
+        n_iter: int = 50,
     ) -> None:
         super().__init__()
         self.every_n_epochs = max(int(every_n_epochs), 1)
         self.k = k
         self.max_reference = max_reference
         self.seed = seed
+        self.n_iter = n_iter
         self.scores: SpatialScores | None = None
         self.distortion: LatentDistortion | None = None
 
@@ -87,6 +95,7 @@ class SpatialValidation(L.Callback):
                 ref_coords.double(),
                 scale=lam,
                 k=min(self.k, len(ref_rows)),
+                n_iter=self.n_iter,
             )
             self.scores.update(pred.float(), coords, index)
             self.distortion.update(latent, coords, index)

@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpvae.errors import ConfigError, DataError
 from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
-from dpvae.preprocess import Preprocessor, extract_rows, gene_moments, scan_matrix, select_genes
+from dpvae.preprocess import (
+    ExpressionTransform,
+    Preprocessor,
+    extract_rows,
+    gene_moments,
+    principal_components,
+    scan_matrix,
+    select_genes,
+)
 
 
 class CellDataset(Dataset):
@@ -133,6 +141,8 @@ class ReferenceDataModule(L.LightningDataModule):
         spatial_key: ``obsm`` key of the coordinates (2-D or 3-D).
         layer: take expression from this layer instead of ``X``.
         n_genes: number of most variable genes to keep (0: all).
+        n_pcs: when > 0, the encoder sees this many principal components of the transformed
+            expression, fitted on the training cells (``pca_components`` of this module).
         normalize, log1p: ``auto``/``true``/``false``; ``auto`` normalises count data to 1e4 per
             cell and log-transforms non-negative data.
         scale: centre and scale each gene's transformed values on the reference.
@@ -156,6 +166,7 @@ class ReferenceDataModule(L.LightningDataModule):
         spatial_key: str = "spatial",
         layer: str | None = None,
         n_genes: int = 2000,
+        n_pcs: int = 0,
         normalize: str | bool = "auto",
         log1p: str | bool = "auto",
         scale: bool = True,
@@ -181,6 +192,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self.spatial_key = spatial_key
         self.layer = layer
         self.n_genes_requested = n_genes
+        self.n_pcs = n_pcs
         self.normalize = normalize
         self.log1p = log1p
         self.scale = scale
@@ -308,7 +320,14 @@ class ReferenceDataModule(L.LightningDataModule):
             coord_center=center.tolist(),
             coord_scale=spread,
             ref_nn_distance=float(np.median(nn_dist)),
+            n_pcs=min(self.n_pcs, len(genes), max(len(train_idx) - 1, 1)) if self.n_pcs else 0,
         )
+        self.pca_components = None
+        if self.preprocessor.n_pcs:
+            transform = ExpressionTransform.from_preprocessor(self.preprocessor)
+            self.pca_components = principal_components(
+                raw[train_idx], transform, self.preprocessor.n_pcs, self.chunk_size
+            )
         std_coords = self.preprocessor.coords_to_model(coords)
         self.raw = raw
         self.coords = coords

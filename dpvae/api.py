@@ -12,6 +12,7 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from dpvae.config import instantiate, load_config, locate, to_plain
@@ -32,6 +33,9 @@ def build(cfg: DictConfig, reference: ad.AnnData | None = None) -> tuple[Any, DP
     dm = instantiate(cfg.data, **extra)
     dm.setup("fit")
     model = DPVAE(n_genes=dm.n_genes, preprocess=dm.preprocessor.to_dict(), **to_plain(cfg.model))
+    if getattr(dm, "pca_components", None) is not None:
+        with torch.no_grad():
+            model.transform.pca.copy_(torch.as_tensor(dm.pca_components, dtype=torch.float32))
     return dm, model
 
 

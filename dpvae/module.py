@@ -108,7 +108,8 @@ class DPVAE(L.LightningModule):
         self.preprocessor = Preprocessor.from_dict(preprocess)
         self.transform = ExpressionTransform.from_preprocessor(self.preprocessor)
         self.likelihood: Likelihood = instantiate(specs["likelihood"], n_genes=n_genes)
-        self.encoder: Encoder = instantiate(specs["encoder"], n_input=n_genes, n_latent=latent_dim)
+        n_input = self.transform.n_pcs or n_genes
+        self.encoder: Encoder = instantiate(specs["encoder"], n_input=n_input, n_latent=latent_dim)
         self.decoder: Decoder = instantiate(
             specs["decoder"], n_latent=latent_dim, n_output=n_genes * self.likelihood.n_params
         )
@@ -120,7 +121,7 @@ class DPVAE(L.LightningModule):
     def encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Raw expression (B, G) -> (posterior mean, log-variance, library size)."""
         x, library = self.transform(raw)
-        mu, logvar = self.encoder(x)
+        mu, logvar = self.encoder(self.transform.encoder_input(x))
         return mu, logvar, library
 
     def forward(self, raw: Tensor) -> Tensor:
@@ -134,7 +135,7 @@ class DPVAE(L.LightningModule):
     def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raw, coords = batch["raw"], batch["coords"]
         x, library = self.transform(raw)
-        mu, logvar = self.encoder(x)
+        mu, logvar = self.encoder(self.transform.encoder_input(x))
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:

@@ -3,7 +3,7 @@
 Command line::
 
     python -m dpvae.predict checkpoint=RUN_DIR/model.ckpt query=Q.h5ad output=OUT.h5ad \\
-        [mode=impute|reconstruct] [reference=REF.h5ad] [k=10] [plot=GENE_OR_OBS_COLUMN] \\
+        [mode=impute|reconstruct] [reference=REF.h5ad] [k=10] [n_iter=0] [plot=GENE_OR_OBS_COLUMN] \\
         [spatial_key=spatial] [layer=NAME] [overwrite=false]
 
 ``mode=impute`` (default) places each query cell in the reference's frame against its latent
@@ -111,8 +111,17 @@ def impute_coordinates(
     ref_coords: np.ndarray,
     k: int = 10,
     layer: str | None = None,
+    n_iter: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Query coordinates in the reference frame (original units) and the query's latent codes."""
+    """Query coordinates in the reference frame (original units) and the query's latent codes.
+
+    Each query cell starts at the distance-weighted mean of its ``k`` latent neighbours' coordinates;
+    ``n_iter`` > 0 then minimises the weighted stress to those neighbours
+    (:func:`dpvae.solver.impute`). The default is the neighbour mean alone: on the dev datasets the
+    stress refinement lowered dist_pearson on every one (e.g. osmFISH 0.573 -> 0.554, MERFISH
+    0.396 -> 0.348, breast layer 1 0.619 -> 0.594), because latent distances between truly adjacent
+    cells do not shrink to zero (expression noise), which the refinement reads as distance.
+    """
     from dpvae.solver import impute
 
     latent, _ = embed_query(model, query, layer)
@@ -125,6 +134,7 @@ def impute_coordinates(
         ref_std,
         scale=model.scale_value(),
         k=k,
+        n_iter=n_iter,
     )
     return pre.coords_from_model(std.numpy()), latent
 
@@ -156,6 +166,7 @@ def predict_coordinates(
     k: int = 10,
     spatial_key: str = "spatial",
     layer: str | None = None,
+    n_iter: int = 0,
 ) -> ad.AnnData:
     """A copy of ``query`` with ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']`` and ``uns['dpvae']``.
 
@@ -171,7 +182,7 @@ def predict_coordinates(
         raise DataError("the query has no cells; give a file with at least one cell")
     if mode == "impute":
         ref_latent, ref_coords = reference_embedding(model, reference, spatial_key)
-        coords, latent = impute_coordinates(model, query, ref_latent, ref_coords, k, layer)
+        coords, latent = impute_coordinates(model, query, ref_latent, ref_coords, k, layer, n_iter)
     else:
         coords, latent = reconstruct_coordinates(model, query, layer)
     out = query.to_memory() if query.isbacked else query.copy()
@@ -286,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         if output.exists() and args.get("overwrite", "false").lower() != "true":
             raise DPVAEError(f"{output} exists; choose another output or add overwrite=true")
         try:
-            k = int(args.get("k", "10"))
+            k, n_iter = int(args.get("k", "10")), int(args.get("n_iter", "0"))
         except ValueError as exc:
-            raise DPVAEError(f"k must be an integer, got {args['k']!r}") from exc
+            raise DPVAEError(f"k and n_iter must be integers, got {args}") from exc
         model = load_model(args["checkpoint"])
         query = read_h5ad(query_path, backed=False)
         with warnings.catch_warnings(record=True) as caught:
@@ -301,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 k=k,
                 spatial_key=args.get("spatial_key", "spatial"),
                 layer=args.get("layer"),
+                n_iter=n_iter,
             )
         for w in caught:
             if "genes are missing" in str(w.message):

@@ -38,6 +38,8 @@ class Preprocessor:
         coord_scale: one scale for all axes (original units per model unit), so distances keep
             their ratios.
         ref_nn_distance: the reference's median nearest-neighbour distance (original units).
+        n_pcs: when > 0, the encoder sees the first ``n_pcs`` principal components of the
+            transformed expression (loadings fitted on the reference, kept in the model's state).
     """
 
     genes: list[str]
@@ -50,6 +52,7 @@ class Preprocessor:
     coord_center: list[float] = field(default_factory=list)
     coord_scale: float = 1.0
     ref_nn_distance: float = 1.0
+    n_pcs: int = 0
 
     @property
     def spatial_dim(self) -> int:
@@ -164,6 +167,29 @@ def extract_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray, chunk_size: in
     return sp.vstack(blocks, format="csr")
 
 
+def principal_components(
+    raw: sp.csr_matrix, transform: ExpressionTransform, n_pcs: int, chunk_size: int = 10_000
+) -> np.ndarray:
+    """Loadings (G, n_pcs) of the top principal components of ``transform(raw)``.
+
+    Computed from the G x G covariance accumulated chunk by chunk (no dense n x G copy).
+    """
+    n, g = raw.shape
+    s1 = np.zeros(g)
+    cov = np.zeros((g, g))
+    for start in range(0, n, chunk_size):
+        block = torch.as_tensor(raw[start : start + chunk_size].toarray(), dtype=torch.float32)
+        x = transform(block)[0].double().numpy()
+        s1 += x.sum(axis=0)
+        cov += x.T @ x
+    mean = s1 / max(n, 1)
+    cov = cov / max(n, 1) - np.outer(mean, mean)
+    vals, vecs = np.linalg.eigh(cov)
+    top = vecs[:, np.argsort(vals)[::-1][: min(n_pcs, g)]]
+    signs = np.sign(top[np.abs(top).argmax(axis=0), range(top.shape[1])])  # deterministic signs
+    return top * signs
+
+
 def gene_moments(
     raw: sp.csr_matrix, normalize: bool, log1p: bool, chunk_size: int = 10_000
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -191,6 +217,7 @@ class ExpressionTransform(nn.Module):
 
     gene_mean: Tensor
     gene_std: Tensor
+    pca: Tensor
 
     def __init__(
         self,
@@ -200,6 +227,8 @@ class ExpressionTransform(nn.Module):
         gene_mean: Sequence[float] = (),
         gene_std: Sequence[float] = (),
         clip: float = 10.0,
+        n_pcs: int = 0,
+        n_genes: int = 0,
     ) -> None:
         super().__init__()
         self.normalize = normalize
@@ -209,11 +238,32 @@ class ExpressionTransform(nn.Module):
         self.scale = len(gene_mean) > 0
         self.register_buffer("gene_mean", torch.tensor(list(gene_mean), dtype=torch.float32))
         self.register_buffer("gene_std", torch.tensor(list(gene_std), dtype=torch.float32))
+        self.n_pcs = n_pcs
+        # PCA loadings (G, n_pcs); filled from the reference, then saved in the state dict
+        self.n_genes = n_genes or len(gene_mean)
+        self.register_buffer("pca", torch.zeros(self.n_genes if n_pcs else 0, n_pcs))
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor) -> ExpressionTransform:
         """Build the transform a :class:`Preprocessor` describes."""
-        return cls(pre.normalize, pre.log1p, pre.target_sum, pre.gene_mean, pre.gene_std)
+        return cls(
+            pre.normalize,
+            pre.log1p,
+            pre.target_sum,
+            pre.gene_mean,
+            pre.gene_std,
+            n_pcs=pre.n_pcs,
+            n_genes=len(pre.genes),
+        )
+
+    @property
+    def n_output(self) -> int:
+        """Width of :meth:`encoder_input` (genes, or principal components)."""
+        return self.n_pcs if self.n_pcs else self.n_genes
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        """What the encoder sees: ``x`` itself, or its principal components."""
+        return x @ self.pca if self.n_pcs else x
 
     def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         library = raw.sum(dim=1, keepdim=True)

@@ -129,3 +129,55 @@ def test_training_on_real_data_learns_distances() -> None:
     assert before < 0.15
     assert after > 0.3
     assert record.reg[-1] < 0.9 * record.reg[2]  # falls once the term is on (epoch 2)
+
+
+def test_pca_input_and_best_weights(osmfish_small: Path, tmp_path: Path) -> None:
+    """PCA loadings live in the checkpoint; the best-epoch weights are what the run keeps."""
+    run_dir = train.run(
+        [
+            *FAST,
+            "logger=none",
+            f"data.reference={osmfish_small}",
+            f"run_dir={tmp_path}",
+            "data.n_pcs=10",
+            "trainer.max_epochs=3",
+            "model.warmup_epochs=1",
+            "checkpoint.monitor=val/dist_pearson",
+            "checkpoint.mode=max",
+            "callbacks.spatial.every_n_epochs=1",
+        ]
+    )
+    model = DPVAE.load_from_checkpoint(run_dir / "model.ckpt", map_location="cpu")
+    assert model.transform.pca.shape == (33, 10) and model.encoder.n_input == 10
+    assert float(model.transform.pca.abs().sum()) > 0  # fitted loadings, not the zero init
+    dm = ReferenceDataModule(osmfish_small, n_pcs=10)
+    dm.setup()
+    np.testing.assert_allclose(model.transform.pca.numpy(), dm.pca_components, atol=1e-5)
+    # the checkpoint is the best epoch by val/dist_pearson; the embedding was written from it
+    ckpt = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
+    best = [c for c in ckpt["callbacks"].values() if "best_model_score" in c][0]
+    assert best["monitor"] == "val/dist_pearson" and float(best["best_model_score"]) > -1
+    emb = ad.read_h5ad(run_dir / "embedding.h5ad")
+    np.testing.assert_allclose(model.embed(dm.raw), emb.X, rtol=1e-4, atol=1e-4)
+
+
+def test_best_weights_restores_the_best_epoch() -> None:
+    from callbacks import BestWeights
+
+    net = torch.nn.Linear(2, 1)
+    cb = BestWeights("val/score", "max")
+
+    class T:  # the two attributes the callback reads
+        sanity_checking = False
+        current_epoch = 0
+        callback_metrics: dict[str, torch.Tensor] = {}
+
+    trainer = T()
+    for epoch, (score, fill) in enumerate([(0.2, 1.0), (0.9, 2.0), (0.5, 3.0)]):
+        with torch.no_grad():
+            net.weight.fill_(fill)
+        trainer.current_epoch = epoch
+        trainer.callback_metrics = {"val/score": torch.tensor(score)}
+        cb.on_validation_end(trainer, net)  # type: ignore[arg-type]
+    cb.on_fit_end(trainer, net)  # type: ignore[arg-type]
+    assert cb.best_epoch == 1 and float(net.weight[0, 0]) == 2.0

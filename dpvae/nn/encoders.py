@@ -40,6 +40,8 @@ class MLPEncoder(Encoder):
         norm: ``batch``, ``layer`` or ``none`` normalisation after each hidden linear layer.
         activation: ``relu``, ``gelu``, ``elu``, ``silu`` or ``tanh``.
         logvar_clamp: the log-variance is clamped to +-this for numerical safety.
+        input_dropout: dropout on the input features during training (a denoising regulariser
+            against memorising the reference).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class MLPEncoder(Encoder):
         norm: str = "batch",
         activation: str = "relu",
         logvar_clamp: float = 10.0,
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__(n_input, n_latent)
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
         self.body = mlp(n_input, hidden, dropout, norm, activation)
         width = out_width(n_input, hidden)
         self.mu = nn.Linear(width, n_latent)
@@ -60,5 +64,5 @@ class MLPEncoder(Encoder):
         self.logvar_clamp = logvar_clamp
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.body(x)
+        h = self.body(self.input_dropout(x))
         return self.mu(h), self.logvar(h).clamp(-self.logvar_clamp, self.logvar_clamp)
