@@ -261,6 +261,7 @@ _KEYS = {
     "mode",
     "reference",
     "k",
+    "n_iter",
     "plot",
     "spatial_key",
     "layer",
