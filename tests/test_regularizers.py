@@ -39,6 +39,21 @@ def test_zero_for_scaled_copy_and_grows_with_distortion(cls: type, dim: int) -> 
     assert reg(z, coords, pairs).item() > 0.1
 
 
+def test_relative_dp_weights_short_pairs_more() -> None:
+    """The same absolute error on a short pair costs more with relative weighting."""
+    coords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    short = torch.tensor([[0.0], [1.5], [10.0]])  # error 0.5 on the short pair (0, 1)
+    long = torch.tensor([[0.0], [1.0], [10.5]])  # error 0.5 on the long pairs (0, 2) and (1, 2)
+    pairs = batch_pairs(coords)
+    for relative, short_costs_more in ((0.0, False), (1.0, True)):
+        reg = DPRegularizer(relative=relative)
+        reg.reset_scale(1.0)
+        a, b = reg(short, coords, pairs).item(), reg(long, coords, pairs).item()
+        assert (a > b) is short_costs_more, (relative, a, b)
+    with pytest.raises(ValueError):
+        DPRegularizer(relative=2.0)
+
+
 def test_reset_scale_is_clamped() -> None:
     reg = DPRegularizer(min_scale=1e-2, max_scale=10.0)
     reg.reset_scale(1e6)

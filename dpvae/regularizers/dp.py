@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from dpvae.regularizers.base import ScaledDistanceRegularizer, pair_distances
@@ -10,10 +12,28 @@ from dpvae.regularizers.base import ScaledDistanceRegularizer, pair_distances
 class DPRegularizer(ScaledDistanceRegularizer):
     """Mean absolute gap between latent and scaled spatial distance over sampled pairs.
 
-    ``loss = mean_{(i,j)} | ||z_i - z_j|| - lambda * d_ij |`` with lambda learned in log space and
-    clamped (options of :class:`ScaledDistanceRegularizer`).
+    ``loss = mean_{(i,j)} w_ij | ||z_i - z_j|| - lambda * d_ij |`` with lambda learned in log space
+    and clamped (options of :class:`ScaledDistanceRegularizer`). With ``relative=0`` (the original
+    dp-VAE) ``w_ij = 1``; with ``relative=r`` in (0, 1] the gap is measured relative to the pair's
+    distance, ``w_ij = (mean d / d_ij)^r`` (normalised to mean 1), so short distances, the ones
+    local neighbourhoods depend on, weigh as much as long ones (r = 1 bounds the relative gap that
+    the bi-Lipschitz argument needs).
+
+    Args:
+        relative: exponent r of the relative weighting (0: the plain absolute gap).
+        **kwargs: options of :class:`ScaledDistanceRegularizer`.
     """
+
+    def __init__(self, relative: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= relative <= 1.0:
+            raise ValueError(f"relative must be in [0, 1], got {relative}")
+        self.relative = relative
 
     def forward(self, z: Tensor, coords: Tensor, pairs: Tensor) -> Tensor:
         dz, d = pair_distances(z, coords, pairs)
-        return (dz - self.scale() * d).abs().mean()
+        gap = (dz - self.scale() * d).abs()
+        if self.relative == 0:
+            return gap.mean()
+        w = (d.mean() / d.clamp_min(1e-6 * d.mean())).pow(self.relative)
+        return (gap * w).sum() / w.sum()

@@ -1,0 +1,283 @@
+"""The benchmark command and its comparators: protocol hygiene, splits, anchors, end to end."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from dpvae import benchmark as B
+from dpvae import comparators as C
+from dpvae.data import embedded_path
+from dpvae.errors import ConfigError
+from dpvae.metrics import median_nn_distance, score_coordinates
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DPVAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared datasets, absent in a user's clone)")
+    return path
+
+
+def _adata(X: np.ndarray, genes: list[str], coords: np.ndarray, names: list[str]) -> ad.AnnData:
+    a = ad.AnnData(
+        X=sp.csr_matrix(np.asarray(X, dtype=np.float32)),
+        obs=pd.DataFrame({"cls": ["a"] * len(names)}, index=names),
+        var=pd.DataFrame(index=genes),
+    )
+    a.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# hygiene, splits, inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_hygiene_drops_blank_genes_zero_cells_and_bad_coordinates() -> None:
+    genes = ["Gad2", "Blank-1", "Sst", "Blank_2", "Vip"]
+    X = np.array(
+        [
+            [1, 0, 2, 0, 0],  # kept
+            [0, 5, 0, 3, 0],  # expression only in Blank features: zero over kept genes
+            [0, 0, 0, 0, 0],  # all zero
+            [1, 1, 1, 1, 1],  # NaN coordinate
+            [2, 0, 0, 0, 1],  # inf coordinate
+            [0, 0, 0, 0, 4],  # kept
+        ]
+    )
+    coords = np.array([[0, 0], [1, 0], [2, 0], [np.nan, 1], [3, np.inf], [4, 4]], dtype=float)
+    out = B.hygiene(_adata(X, genes, coords, [f"c{i}" for i in range(6)]))
+    assert list(out.var_names) == ["Gad2", "Sst", "Vip"]
+    assert list(out.obs_names) == ["c0", "c5"]
+    np.testing.assert_array_equal(out.X.toarray(), [[1, 2, 0], [0, 0, 4]])
+    np.testing.assert_array_equal(out.obsm["spatial"], [[0, 0], [4, 4]])
+
+
+def test_transfer_hygiene_keeps_shared_genes_in_reference_order() -> None:
+    ref = _adata(
+        np.array([[1, 2, 3, 4, 5], [0, 0, 9, 0, 7], [1, 0, 0, 0, 0]]),
+        ["C", "A", "Blank_1", "B", "D"],
+        np.zeros((3, 2)),
+        ["r0", "r1", "r2"],
+    )
+    query = _adata(
+        np.array([[1, 1, 1, 1], [0, 8, 0, 0], [0, 0, 0, 2], [3, 0, 0, 0]]),
+        ["B", "E", "A", "C"],
+        np.ones((4, 2)),
+        ["q0", "q1", "q2", "q3"],
+    )
+    r, q = B.hygiene_pair(ref, query)
+    assert list(r.var_names) == ["C", "A", "B"] == list(q.var_names)
+    assert list(r.obs_names) == ["r0", "r2"]  # r1 has only Blank_1 and D
+    assert list(q.obs_names) == ["q0", "q2", "q3"]  # q1 has only E
+    np.testing.assert_array_equal(q.X.toarray(), [[1, 1, 1], [2, 0, 0], [0, 0, 3]])
+
+
+@pytest.mark.parametrize(("n", "seed"), [(10, 0), (254, 1), (6430, 2)])
+def test_impute_split_is_the_protocols(n: int, seed: int) -> None:
+    ref, query = B.impute_split(n, seed)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_ref = round(0.8 * n)
+    np.testing.assert_array_equal(ref, np.sort(perm[:n_ref]))
+    np.testing.assert_array_equal(query, np.sort(perm[n_ref:]))
+    assert len(ref) == n_ref and len(np.union1d(ref, query)) == n
+
+
+def test_method_inputs_hide_query_position() -> None:
+    a = ad.read_h5ad(embedded_path("osmfish"))[:50].copy()
+    r, q = B.method_inputs(a[:40], a[40:])
+    assert "spatial" in r.obsm and list(r.obsm) == ["spatial"]
+    assert list(q.obsm) == [] and list(q.obs.columns) == [] and list(r.obs.columns) == []
+    assert list(q.obs_names) == [f"q{i}" for i in range(10)]
+    assert list(q.var_names) == list(r.var_names) == list(a.var_names)
+    assert not q.uns and not q.layers
+
+
+# ----------------------------------------------------------------------------------------------
+# comparators
+# ----------------------------------------------------------------------------------------------
+
+
+def _impute_scores(path: Path, method: str, seeds: tuple[int, ...]) -> list[float]:
+    full = B.hygiene(ad.read_h5ad(path))
+    out = []
+    for seed in seeds:
+        ri, qi = B.impute_split(full.n_obs, seed)
+        r, q = B.method_inputs(full[ri], full[qi])
+        P = C.COMPARATORS[method](r, q, seed)
+        T = full[qi].obsm["spatial"]
+        nn = median_nn_distance(full[ri].obsm["spatial"])
+        out.append(score_coordinates(P, T, "impute", ref_nn_distance=nn)["dist_pearson"])
+    return out
+
+
+def test_knn_regression_and_pca_mds_reproduce_osmfish_anchors() -> None:
+    path = _shared("osmfish_mouse_sscortex.h5ad")
+    knn = _impute_scores(path, "knn_regression", (0, 1, 2))
+    mds = _impute_scores(path, "pca_mds", (0, 1, 2))
+    # ANCHORS.md: knn_regression 0.491 ± 0.011 (0.482 at seed 0), pca_mds 0.214 ± 0.009
+    assert knn[0] == pytest.approx(0.482, abs=0.005)
+    assert np.mean(knn) == pytest.approx(0.491, abs=0.005)
+    assert np.std(knn, ddof=1) == pytest.approx(0.011, abs=0.005)
+    assert np.mean(mds) == pytest.approx(0.214, abs=0.005)
+
+
+def test_knn_regression_reproduces_breast_anchor() -> None:
+    """Exercises the 2000-gene selection and the randomized PCA (more genes than cells)."""
+    knn = _impute_scores(_shared("st_breast_cancer_layer1.h5ad"), "knn_regression", (0,))
+    assert knn[0] == pytest.approx(0.296, abs=0.005)  # ANCHORS.md, seed-0 split
+
+
+def test_comparators_on_embedded_osmfish_are_in_the_reference_frame() -> None:
+    a = B.hygiene(ad.read_h5ad(embedded_path("osmfish")))
+    ri, qi = B.impute_split(a.n_obs, 0)
+    r, q = B.method_inputs(a[ri], a[qi])
+    P = C.knn_regression(r, q, 0)
+    assert P.shape == (len(qi), 2) and np.isfinite(P).all()
+    lo, hi = r.obsm["spatial"].min(axis=0), r.obsm["spatial"].max(axis=0)
+    assert (P >= lo).all() and (P <= hi).all()  # means of reference coordinates
+    M = C.pca_mds(r, q, 0)
+    assert M.shape == (len(qi), 2) and np.isfinite(M).all()
+
+
+def test_randomized_pca_matches_exact_subspace() -> None:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 8)) @ rng.normal(size=(8, 600)) * 3 + rng.normal(size=(120, 600))
+    mean, comps, ev = C._pca(X, 5)  # 120 x 600, k=5: the randomized branch
+    Xc = X - X.mean(axis=0)
+    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
+    overlap = np.linalg.svd(vt[:5] @ comps, compute_uv=False)
+    assert overlap.min() > 0.999
+    np.testing.assert_allclose(ev, s[:5] ** 2 / 119, rtol=1e-3)
+    # the sparse path gives the same subspace
+    _, comps_sp, _ = C._pca(sp.csr_matrix(X), 5)
+    assert np.linalg.svd(comps.T @ comps_sp, compute_uv=False).min() > 0.999
+
+
+def test_variance_and_seurat_gene_selection() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.poisson(rng.gamma(0.5, 2.0, size=60), size=(200, 60)).astype(float)
+    L = C.log_normalize(sp.csr_matrix(X), counts=True)
+    top = C.highly_variable_genes(L, n_top=10)
+    var = L.toarray().var(axis=0)
+    np.testing.assert_array_equal(top, np.sort(np.argsort(-var, kind="stable")[:10]))
+    seurat = C.highly_variable_genes(L, n_top=10, flavor="seurat")
+    assert len(seurat) == 10 and np.all(np.diff(seurat) > 0)
+    np.testing.assert_array_equal(C.highly_variable_genes(L, n_top=100), np.arange(60))
+
+
+def test_count_detection_and_log_normalisation() -> None:
+    X = sp.csr_matrix(np.array([[1.0, 3.0], [0.0, 2.0]]))
+    assert C.is_count_matrix(X) and not C.is_count_matrix(X * 0.5)
+    L = C.log_normalize(X, counts=True, target_sum=4.0).toarray()
+    np.testing.assert_allclose(L, np.log1p([[1.0, 3.0], [0.0, 4.0]]))
+    np.testing.assert_allclose(C.log_normalize(X.toarray(), counts=False), np.log1p(X.toarray()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bogus=1"], "valid keys"),
+        (["methods=knn_regression,magic"], "valid: dpvae, knn_regression"),
+        (["datasets=nope"], "valid: all, "),
+        (["tasks=impute,other"], "valid: impute, transfer"),
+        (["seeds=a"], "integers"),
+        (["timeout=-3"], "timeout"),
+        (["pairs=osmfish"], "REF->QUERY"),
+        (["noequals"], "key=value"),
+    ],
+)
+def test_bad_arguments_name_the_choices(tmp_path: Path, args: list[str], needle: str) -> None:
+    (tmp_path / "osmfish_mouse_sscortex.h5ad").symlink_to(embedded_path("osmfish"))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        B.parse_args([f"data_dir={tmp_path}", *args])
+
+
+def test_missing_data_dir_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+    assert B.main([f"data_dir={tmp_path / 'absent'}", f"out={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data_dir")
+
+
+def test_dataset_ids_and_default_pairs(tmp_path: Path) -> None:
+    for fname in ("dlpfc_visium_151673.h5ad", "dlpfc_visium_151674.h5ad", "extra_section.h5ad"):
+        (tmp_path / fname).touch()
+    cfg = B.parse_args([f"data_dir={tmp_path}"])
+    assert set(cfg.impute_units) == {"dlpfc_151673", "dlpfc_151674", "extra_section"}
+    assert cfg.transfer_units == (("dlpfc_151673", "dlpfc_151674"),)
+    cfg = B.parse_args([f"data_dir={tmp_path}", "datasets=dlpfc_151673"])
+    assert cfg.impute_units == ("dlpfc_151673",) and cfg.transfer_units == ()
+    cfg = B.parse_args(
+        [f"data_dir={tmp_path}", "tasks=transfer", "pairs=extra_section->dlpfc_151673"]
+    )
+    assert cfg.impute_units == () and cfg.transfer_units == (("extra_section", "dlpfc_151673"),)
+
+
+def test_a_failing_method_is_recorded_not_raised() -> None:
+    a = ad.read_h5ad(embedded_path("osmfish"))[:60].copy()
+    r, q = B.method_inputs(a[:50], a[50:, ::-1])  # genes in a different order
+    res = B.run_method("knn_regression", r, q, "impute", 0, timeout=120, threads=1)
+    assert res.status.startswith("error: ValueError") and "same genes" in res.status
+    if importlib.util.find_spec("CeLEry") is None:
+        assert B.run_method("celery", r, q, "impute", 0).status == "not installed"
+
+
+def test_smoke_run_writes_csv_markdown_and_figures(tmp_path: Path) -> None:
+    full = ad.read_h5ad(embedded_path("osmfish"))
+    keep = np.argsort(np.linalg.norm(full.obsm["spatial"] - full.obsm["spatial"].mean(0), axis=1))
+    small = full[np.sort(keep[:700])].copy()
+    data = tmp_path / "data"
+    data.mkdir()
+    small[:400].copy().write_h5ad(data / "osmfish_mouse_sscortex.h5ad")
+    small[400:].copy().write_h5ad(data / "osmfish_part2.h5ad")
+    out = tmp_path / "out"
+    code = B.main(
+        [
+            f"data_dir={data}",
+            "tasks=impute,transfer",
+            "methods=knn_regression,pca_mds",
+            "seeds=0",
+            "datasets=osmfish_sscortex",
+            "pairs=osmfish_sscortex->osmfish_part2",
+            f"out={out}",
+            "threads=1",
+        ]
+    )
+    assert code == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["task"], r["method"], r["status"]) for r in rows] == [
+        ("impute", "knn_regression", "ok"),
+        ("impute", "pca_mds", "ok"),
+        ("transfer", "knn_regression", "ok"),
+        ("transfer", "pca_mds", "ok"),
+    ]
+    assert float(rows[0]["dist_pearson"]) > 0.2 and float(rows[0]["median_error"]) > 0
+    assert rows[1]["median_error"] == ""  # frame-free: rotation-invariant scores only
+    assert float(rows[2]["procrustes_rmse"]) > 0 and float(rows[0]["peak_mb"]) > 0
+    md = (out / "results.md").read_text()
+    assert "| impute | osmfish_sscortex | knn_regression |" in md
+    assert "| transfer | osmfish_sscortex->osmfish_part2 | pca_mds |" in md
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert pngs == [
+        "impute__osmfish_sscortex.png",
+        "transfer__osmfish_sscortex__to__osmfish_part2.png",
+    ]
+    assert (out / "figures" / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
