@@ -31,8 +31,9 @@ def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
 
 
 def _callbacks(cfg: Any, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from callbacks import WarmupEarlyStopping
     from dpvae.api import callbacks_from_config
 
     monitor = cfg.checkpoint.monitor
@@ -51,7 +52,7 @@ def _callbacks(cfg: Any, run_dir: Path) -> list[Any]:
     ]
     if cfg.early_stopping.monitor:
         callbacks.append(
-            EarlyStopping(
+            WarmupEarlyStopping(
                 monitor=cfg.early_stopping.monitor,
                 patience=cfg.early_stopping.patience,
                 mode=cfg.early_stopping.mode,

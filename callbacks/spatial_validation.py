@@ -27,7 +27,8 @@ class SpatialValidation(L.Callback):
     (standardised) and ``index``, as :class:`datamodules.ReferenceDataModule` does.
 
     Args:
-        every_n_epochs: run on every n-th validation epoch (and always on the last one).
+        every_n_epochs: run on every n-th validation epoch (and always on the last one); every
+            epoch when a checkpoint or early-stopping callback monitors one of these metrics.
         k: latent neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
         seed: seed of that subsample.
@@ -52,7 +53,21 @@ class SpatialValidation(L.Callback):
         self.scores: SpatialScores | None = None
         self.distortion: LatentDistortion | None = None
 
+    METRICS = (
+        "dist_pearson",
+        "dist_spearman",
+        "knn10",
+        "median_error",
+        "distortion_max_min",
+        "distortion_p95_p5",
+        "stress",
+    )
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a checkpoint or early-stopping monitor on one of these metrics needs them every epoch
+        watched = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        if watched & {f"val/{m}" for m in self.METRICS}:
+            self.every_n_epochs = 1
         module: Any = pl_module
         pre = module.preprocessor
         # standardised coordinates: the reference's median NN distance in model units

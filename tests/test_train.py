@@ -181,3 +181,27 @@ def test_best_weights_restores_the_best_epoch() -> None:
         cb.on_validation_end(trainer, net)  # type: ignore[arg-type]
     cb.on_fit_end(trainer, net)  # type: ignore[arg-type]
     assert cb.best_epoch == 1 and float(net.weight[0, 0]) == 2.0
+
+
+def test_early_stopping_on_spatial_metric(osmfish_small: Path, tmp_path: Path) -> None:
+    """Monitoring val/dist_pearson makes the spatial callback run every epoch, so it never lacks;
+    patience counts only after the warm-up (epoch 1 here)."""
+    run_dir = train.run(
+        [
+            *FAST,
+            "logger=none",
+            f"data.reference={osmfish_small}",
+            f"run_dir={tmp_path}",
+            "trainer.max_epochs=30",
+            "model.warmup_epochs=2",
+            "early_stopping.monitor=val/dist_pearson",
+            "early_stopping.mode=max",
+            "early_stopping.patience=1",
+            "checkpoint.monitor=val/dist_pearson",
+            "checkpoint.mode=max",
+        ]
+    )
+    last = torch.load(run_dir / "last.ckpt", weights_only=True, map_location="cpu")
+    best = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
+    assert 1 < last["epoch"] < 29  # stopped early, but not before the warm-up ended
+    assert best["epoch"] <= last["epoch"]
