@@ -220,6 +220,15 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _choices(value: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
+    """A comma-separated list of names from ``valid``, deduplicated in order."""
+    names = _split_list(value)
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise ConfigError(f"unknown {what} {bad[0] if bad else value!r}; valid: {', '.join(valid)}")
+    return tuple(dict.fromkeys(names))
+
+
 def _dataset_files(data_dir: Path) -> dict[str, Path]:
     """Dataset id -> path for every ``.h5ad`` in ``data_dir`` (known ids for known files)."""
     by_name = {fname: key for key, fname in DATASETS.items()}
@@ -270,21 +279,9 @@ def parse_args(argv: Sequence[str]) -> BenchmarkConfig:
                 raise ConfigError("out= needs a folder")
             cfg.out = Path(value).expanduser()
         elif key == "tasks":
-            tasks = _split_list(value)
-            bad = [t for t in tasks if t not in TASKS]
-            if bad or not tasks:
-                raise ConfigError(
-                    f"unknown task {bad[0] if bad else value!r}; valid: {', '.join(TASKS)}"
-                )
-            cfg.tasks = tuple(dict.fromkeys(tasks))
+            cfg.tasks = _choices(value, TASKS, "task")
         elif key == "methods":
-            methods = _split_list(value)
-            bad = [m for m in methods if m not in METHODS]
-            if bad or not methods:
-                raise ConfigError(
-                    f"unknown method {bad[0] if bad else value!r}; valid: {', '.join(METHODS)}"
-                )
-            cfg.methods = tuple(dict.fromkeys(methods))
+            cfg.methods = _choices(value, METHODS, "method")
         elif key == "seeds":
             try:
                 seeds = [int(s) for s in _split_list(value)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
 from pathlib import Path
 
 import anndata as ad
@@ -18,16 +17,9 @@ from dpvae import comparators as C
 from dpvae.data import embedded_path
 from dpvae.errors import ConfigError
 from dpvae.metrics import median_nn_distance, score_coordinates
+from tests.conftest import shared_file as _shared
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DPVAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
-
-
-def _shared(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"needs {path} (the project's shared datasets, absent in a user's clone)")
-    return path
 
 
 def _adata(X: np.ndarray, genes: list[str], coords: np.ndarray, names: list[str]) -> ad.AnnData:
