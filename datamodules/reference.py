@@ -179,7 +179,7 @@ class ReferenceDataModule(L.LightningDataModule):
         drop_nonfinite: bool = False,
         backed: str | bool = "auto",
         backed_threshold_mb: float = 1024.0,
-        chunk_size: int = 10_000,
+        chunk_size: int = 2000,
         require_counts: bool = False,
         num_workers: int = 0,
     ) -> None:
