@@ -68,7 +68,7 @@ def _write_embedding(model: Any, dm: Any, path: Path, batch_size: int) -> None:
 
     from dpvae.io import write_h5ad_atomic
 
-    latent = model.embed(dm.raw, batch_size=batch_size)
+    latent, pcs = model.embed(dm.raw, batch_size=batch_size, with_pcs=True)
     split = np.full(len(latent), "train", dtype=object)
     split[dm.val_idx] = "val"
     out = ad.AnnData(
@@ -77,6 +77,8 @@ def _write_embedding(model: Any, dm: Any, path: Path, batch_size: int) -> None:
         var=pd.DataFrame(index=[f"latent_{i}" for i in range(latent.shape[1])]),
     )
     out.obsm["spatial"] = dm.coords
+    if pcs is not None:
+        out.obsm["X_expr_pcs"] = pcs  # the expression PCs prediction joins to the latent code
     out.uns["dpvae"] = {"lambda": model.scale_value(), "genes": model.genes}
     write_h5ad_atomic(out, path)
 

@@ -143,6 +143,8 @@ class ReferenceDataModule(L.LightningDataModule):
         n_genes: number of most variable genes to keep (0: all).
         n_pcs: when > 0, the encoder sees this many principal components of the transformed
             expression, fitted on the training cells (``pca_components`` of this module).
+        neighbour_pcs: principal components of the transformed expression (same fit) that
+            prediction joins to the latent code to find a query cell's reference neighbours.
         normalize, log1p: ``auto``/``true``/``false``; ``auto`` normalises count data to 1e4 per
             cell and log-transforms non-negative data.
         scale: centre and scale each gene's transformed values on the reference.
@@ -167,6 +169,7 @@ class ReferenceDataModule(L.LightningDataModule):
         layer: str | None = None,
         n_genes: int = 2000,
         n_pcs: int = 0,
+        neighbour_pcs: int = 0,
         normalize: str | bool = "auto",
         log1p: str | bool = "auto",
         scale: bool = True,
@@ -193,6 +196,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self.layer = layer
         self.n_genes_requested = n_genes
         self.n_pcs = n_pcs
+        self.neighbour_pcs = neighbour_pcs
         self.normalize = normalize
         self.log1p = log1p
         self.scale = scale
@@ -320,13 +324,15 @@ class ReferenceDataModule(L.LightningDataModule):
             coord_center=center.tolist(),
             coord_scale=spread,
             ref_nn_distance=float(np.median(nn_dist)),
-            n_pcs=min(self.n_pcs, len(genes), max(len(train_idx) - 1, 1)) if self.n_pcs else 0,
+            n_pcs=self._n_components(self.n_pcs, len(genes), len(train_idx)),
+            neighbour_pcs=self._n_components(self.neighbour_pcs, len(genes), len(train_idx)),
         )
         self.pca_components = None
-        if self.preprocessor.n_pcs:
+        width = max(self.preprocessor.n_pcs, self.preprocessor.neighbour_pcs)
+        if width:
             transform = ExpressionTransform.from_preprocessor(self.preprocessor)
             self.pca_components = principal_components(
-                raw[train_idx], transform, self.preprocessor.n_pcs, self.chunk_size
+                raw[train_idx], transform, width, self.chunk_size
             )
         std_coords = self.preprocessor.coords_to_model(coords)
         self.raw = raw
@@ -343,6 +349,10 @@ class ReferenceDataModule(L.LightningDataModule):
             _, nbrs = cKDTree(std_coords[train_idx]).query(std_coords[train_idx], k=k + 1)
             self.train_neighbors = nbrs[:, 1:].reshape(len(train_idx), k)
         self._ready = True
+
+    @staticmethod
+    def _n_components(requested: int, n_genes: int, n_cells: int) -> int:
+        return min(requested, n_genes, max(n_cells - 1, 1)) if requested > 0 else 0
 
     # ------------------------------------------------------------ properties
     @property

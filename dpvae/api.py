@@ -33,7 +33,7 @@ def build(cfg: DictConfig, reference: ad.AnnData | None = None) -> tuple[Any, DP
     dm = instantiate(cfg.data, **extra)
     dm.setup("fit")
     model = DPVAE(n_genes=dm.n_genes, preprocess=dm.preprocessor.to_dict(), **to_plain(cfg.model))
-    if getattr(dm, "pca_components", None) is not None:
+    if getattr(dm, "pca_components", None) is not None:  # encoder-input and neighbour PCs
         with torch.no_grad():
             model.transform.pca.copy_(torch.as_tensor(dm.pca_components, dtype=torch.float32))
     return dm, model
@@ -90,6 +90,6 @@ def fit_predict(
     from dpvae.predict import impute_coordinates
 
     model, dm = fit(reference, [f"seed={seed}", "logger=none", *overrides])
-    ref_latent = model.embed(dm.raw)
-    coords, _ = impute_coordinates(model, query, ref_latent, dm.coords)
+    ref_latent, ref_pcs = model.embed(dm.raw, with_pcs=True)
+    coords, _ = impute_coordinates(model, query, ref_latent, dm.coords, ref_pcs=ref_pcs)
     return coords

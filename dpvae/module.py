@@ -221,16 +221,27 @@ class DPVAE(L.LightningModule):
         return 1.0 if lam is None else float(lam.detach())
 
     @torch.no_grad()
-    def embed(self, raw: sp.spmatrix | np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """Latent embedding (posterior mean) of raw expression rows in the model's gene order."""
+    def embed(
+        self, raw: sp.spmatrix | np.ndarray, batch_size: int = 4096, with_pcs: bool = False
+    ) -> Any:
+        """Latent embedding (posterior mean) of raw expression rows in the model's gene order.
+
+        With ``with_pcs``, returns ``(latent, pcs)`` where ``pcs`` are the expression principal
+        components prediction uses beside the latent code (``None`` when the model has none).
+        """
         was_training = self.training
         self.eval()
-        out = []
+        latent, pcs = [], []
         for start in range(0, raw.shape[0], batch_size):
             block = raw[start : start + batch_size]
             tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
-            out.append(self(tensor).cpu().numpy())
+            x, _ = self.transform(tensor)
+            latent.append(self.encoder(self.transform.encoder_input(x))[0].cpu().numpy())
+            if with_pcs and self.transform.neighbour_pcs:
+                pcs.append(self.transform.expression_pcs(x).cpu().numpy())
         self.train(was_training)
-        if not out:
-            return np.zeros((0, self.hparams["latent_dim"]), dtype=np.float32)
-        return np.concatenate(out)
+        width = self.hparams["latent_dim"]
+        z = np.concatenate(latent) if latent else np.zeros((0, width), dtype=np.float32)
+        if not with_pcs:
+            return z
+        return z, (np.concatenate(pcs) if pcs else None)

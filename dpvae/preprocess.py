@@ -53,6 +53,7 @@ class Preprocessor:
     coord_scale: float = 1.0
     ref_nn_distance: float = 1.0
     n_pcs: int = 0
+    neighbour_pcs: int = 0
 
     @property
     def spatial_dim(self) -> int:
@@ -229,6 +230,7 @@ class ExpressionTransform(nn.Module):
         clip: float = 10.0,
         n_pcs: int = 0,
         n_genes: int = 0,
+        neighbour_pcs: int = 0,
     ) -> None:
         super().__init__()
         self.normalize = normalize
@@ -239,9 +241,13 @@ class ExpressionTransform(nn.Module):
         self.register_buffer("gene_mean", torch.tensor(list(gene_mean), dtype=torch.float32))
         self.register_buffer("gene_std", torch.tensor(list(gene_std), dtype=torch.float32))
         self.n_pcs = n_pcs
-        # PCA loadings (G, n_pcs); filled from the reference, then saved in the state dict
+        self.neighbour_pcs = neighbour_pcs
+        # PCA loadings (G, max(n_pcs, neighbour_pcs)); filled from the reference, then saved in
+        # the state dict. The encoder uses the first n_pcs, the neighbour search the first
+        # neighbour_pcs columns.
         self.n_genes = n_genes or len(gene_mean)
-        self.register_buffer("pca", torch.zeros(self.n_genes if n_pcs else 0, n_pcs))
+        width = max(n_pcs, neighbour_pcs)
+        self.register_buffer("pca", torch.zeros(self.n_genes if width else 0, width))
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor) -> ExpressionTransform:
@@ -254,6 +260,7 @@ class ExpressionTransform(nn.Module):
             pre.gene_std,
             n_pcs=pre.n_pcs,
             n_genes=len(pre.genes),
+            neighbour_pcs=pre.neighbour_pcs,
         )
 
     @property
@@ -263,7 +270,11 @@ class ExpressionTransform(nn.Module):
 
     def encoder_input(self, x: Tensor) -> Tensor:
         """What the encoder sees: ``x`` itself, or its principal components."""
-        return x @ self.pca if self.n_pcs else x
+        return x @ self.pca[:, : self.n_pcs] if self.n_pcs else x
+
+    def expression_pcs(self, x: Tensor) -> Tensor:
+        """The first ``neighbour_pcs`` principal components of transformed expression ``x``."""
+        return x @ self.pca[:, : self.neighbour_pcs]
 
     def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         library = raw.sum(dim=1, keepdim=True)

@@ -558,3 +558,29 @@ def reconstruct(
         latent[rest], z_lm, x_lm.to(torch.float64), float(scale), kk, PLACEMENT_ITERS, chunk_size
     ).to(out_dtype)
     return out
+
+
+def joint_space(
+    ref_latent: Tensor,
+    query_latent: Tensor,
+    ref_extra: Tensor | None = None,
+    query_extra: Tensor | None = None,
+    weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Reference and query codes for a neighbour search over latent and extra features together.
+
+    Each part is divided by its root-mean-square spread over the reference cells, so both count
+    equally before ``weight`` multiplies the extra part (expression principal components in
+    prediction). Without extra features, or with ``weight`` 0, the latent codes are returned as
+    they are.
+    """
+    if ref_extra is None or query_extra is None or weight <= 0:
+        return ref_latent, query_latent
+
+    def spread(x: Tensor) -> Tensor:
+        return (x - x.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt().clamp_min(1e-12)
+
+    sz, se = spread(ref_latent), spread(ref_extra)
+    ref = torch.cat([ref_latent / sz, weight * ref_extra / se], dim=1)
+    query = torch.cat([query_latent / sz, weight * query_extra / se], dim=1)
+    return ref, query

@@ -215,3 +215,23 @@ def test_knn_mean_hand_checked() -> None:
 def test_validation_errors(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_joint_space_scales_each_part_to_unit_spread() -> None:
+    from dpvae.solver import joint_space
+
+    gen = torch.Generator().manual_seed(0)
+    zr, zq = torch.randn(50, 4, generator=gen) * 7.0, torch.randn(5, 4, generator=gen)
+    er, eq = torch.randn(50, 3, generator=gen) * 0.01, torch.randn(5, 3, generator=gen)
+    jr, jq = joint_space(zr, zq, er, eq, weight=2.0)
+    assert jr.shape == (50, 7) and jq.shape == (5, 7)
+
+    def spread(x: torch.Tensor) -> float:
+        return float((x - x.mean(0)).pow(2).sum(1).mean().sqrt())
+
+    assert spread(jr[:, :4]) == pytest.approx(1.0) and spread(jr[:, 4:]) == pytest.approx(2.0)
+    # the query is scaled with the reference's spreads, not its own
+    torch.testing.assert_close(jq[:, :4], zq / spread(zr))
+    # without extra features or with weight 0: the latent codes unchanged
+    assert joint_space(zr, zq)[0] is zr
+    assert joint_space(zr, zq, er, eq, weight=0.0)[1] is zq
