@@ -56,7 +56,6 @@ def fit(
     Nothing is written: no logger, no checkpoint files. Returns (model in eval mode, datamodule).
     """
     import lightning as L
-    import torch
 
     cfg = load_config(list(overrides))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

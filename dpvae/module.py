@@ -118,10 +118,15 @@ class DPVAE(L.LightningModule):
         self.register_buffer("scale_initialised", torch.tensor(False))
 
     # ------------------------------------------------------------------ model
-    def encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw expression (B, G) -> (posterior mean, log-variance, library size)."""
+    def _encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Raw expression (B, G) -> (transformed input, posterior mean, log-variance, library)."""
         x, library = self.transform(raw)
         mu, logvar = self.encoder(self.transform.encoder_input(x))
+        return x, mu, logvar, library
+
+    def encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw expression (B, G) -> (posterior mean, log-variance, library size)."""
+        _, mu, logvar, library = self._encode(raw)
         return mu, logvar, library
 
     def forward(self, raw: Tensor) -> Tensor:
@@ -134,8 +139,7 @@ class DPVAE(L.LightningModule):
 
     def _losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         raw, coords = batch["raw"], batch["coords"]
-        x, library = self.transform(raw)
-        mu, logvar = self.encoder(self.transform.encoder_input(x))
+        x, mu, logvar, library = self._encode(raw)
         if self.training:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         else:
@@ -235,8 +239,8 @@ class DPVAE(L.LightningModule):
         for start in range(0, raw.shape[0], batch_size):
             block = raw[start : start + batch_size]
             tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
-            x, _ = self.transform(tensor)
-            latent.append(self.encoder(self.transform.encoder_input(x))[0].cpu().numpy())
+            x, mu, _, _ = self._encode(tensor)
+            latent.append(mu.cpu().numpy())
             if with_pcs and self.transform.neighbour_pcs:
                 pcs.append(self.transform.expression_pcs(x).cpu().numpy())
         self.train(was_training)
