@@ -9,14 +9,15 @@ import numpy as np
 import torch
 
 from dpvae.metrics import LatentDistortion, SpatialScores
-from dpvae.solver import impute
+from dpvae.solver import EXPRESSION_WEIGHT, impute, joint_space, knn_mean
 
 
 class SpatialValidation(L.Callback):
     """Every ``every_n_epochs`` validation epochs, place the validation cells and log ``val/`` scores.
 
-    The validation cells are embedded, imputed against the training cells (``k`` latent neighbours,
-    :func:`dpvae.solver.impute`), and scored against their true coordinates with the benchmark's
+    The validation cells are embedded and placed against the training cells as prediction places
+    query cells (``k`` neighbours in the latent space, joined with the expression principal
+    components when the model has them; :func:`dpvae.predict.impute_coordinates`), and scored against their true coordinates with the benchmark's
     metrics: ``val/dist_pearson``, ``val/dist_spearman``, ``val/knn10``, ``val/median_error``, plus
     the latent distortion (``val/distortion_max_min``, ``val/distortion_p95_p5``) and best-scale
     ``val/stress``. Under DDP every rank places its own shard of validation cells (the training
@@ -32,8 +33,9 @@ class SpatialValidation(L.Callback):
         k: latent neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
         seed: seed of that subsample.
-        n_iter: stress-majorisation iterations of :func:`dpvae.solver.impute` (0: the neighbours'
-            distance-weighted mean alone).
+        n_iter: stress-majorisation iterations of :func:`dpvae.solver.impute` on the latent
+            neighbours (0, the default: the neighbours' distance-weighted mean alone).
+        expression_weight: weight of the expression principal components in the neighbour search.
     """
 
     def __init__(
@@ -42,7 +44,8 @@ class SpatialValidation(L.Callback):
         k: int = 10,
         max_reference: int = 50_000,
         seed: int = 0,
-        n_iter: int = 50,
+        n_iter: int = 0,
+        expression_weight: float = EXPRESSION_WEIGHT,
     ) -> None:
         super().__init__()
         self.every_n_epochs = max(int(every_n_epochs), 1)
@@ -50,6 +53,7 @@ class SpatialValidation(L.Callback):
         self.max_reference = max_reference
         self.seed = seed
         self.n_iter = n_iter
+        self.expression_weight = expression_weight
         self.scores: SpatialScores | None = None
         self.distortion: LatentDistortion | None = None
 
@@ -96,22 +100,36 @@ class SpatialValidation(L.Callback):
         if len(ref_rows) > self.max_reference:
             rng = np.random.default_rng(self.seed)
             ref_rows = np.sort(rng.choice(len(ref_rows), self.max_reference, replace=False))
-        ref_latent = torch.as_tensor(pl_module.embed(train_set.raw[ref_rows]), device=device)  # type: ignore[operator]
+        embed: Any = pl_module.embed
+        ref_latent, ref_pcs = embed(train_set.raw[ref_rows], with_pcs=True)
+        ref_latent = torch.as_tensor(ref_latent, device=device)
         ref_coords = train_set.coords[ref_rows].to(device)
         shard = np.array_split(np.arange(len(val_set)), trainer.world_size)[trainer.global_rank]
-        latent = torch.as_tensor(pl_module.embed(val_set.raw[shard]), device=device)  # type: ignore[operator]
+        latent, pcs = embed(val_set.raw[shard], with_pcs=True)
+        latent = torch.as_tensor(latent, device=device)
         coords = val_set.coords[shard].to(device)
         index = val_set.index[shard].to(device)
         lam = pl_module.scale_value()  # type: ignore[operator]
+        k = min(self.k, len(ref_rows))
         if len(shard):
-            pred = impute(
-                latent.double(),
-                ref_latent.double(),
-                ref_coords.double(),
-                scale=lam,
-                k=min(self.k, len(ref_rows)),
-                n_iter=self.n_iter,
-            )
+            if self.n_iter == 0 and ref_pcs is not None and self.expression_weight > 0:
+                joint_ref, joint_val = joint_space(
+                    ref_latent.double(),
+                    latent.double(),
+                    torch.as_tensor(ref_pcs, device=device).double(),
+                    torch.as_tensor(pcs, device=device).double(),
+                    self.expression_weight,
+                )
+                pred = knn_mean(joint_val, joint_ref, ref_coords.double(), k=k)
+            else:
+                pred = impute(
+                    latent.double(),
+                    ref_latent.double(),
+                    ref_coords.double(),
+                    scale=lam,
+                    k=k,
+                    n_iter=self.n_iter,
+                )
             self.scores.update(pred.float(), coords, index)
             self.distortion.update(latent, coords, index)
         values = {**self.scores.compute(), **self.distortion.compute()}  # collective: every rank

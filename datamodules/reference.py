@@ -55,6 +55,12 @@ class CellDataset(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
 
+# fewest training cells per expression principal component of the neighbour search
+CELLS_PER_NEIGHBOUR_PC = 40
+# targeted panels of at most this many genes keep every component in the neighbour search
+FULL_RANK_PANEL = 50
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -143,8 +149,15 @@ class ReferenceDataModule(L.LightningDataModule):
         n_genes: number of most variable genes to keep (0: all).
         n_pcs: when > 0, the encoder sees this many principal components of the transformed
             expression, fitted on the training cells (``pca_components`` of this module).
-        neighbour_pcs: principal components of the transformed expression (same fit) that
-            prediction joins to the latent code to find a query cell's reference neighbours.
+        neighbour_pcs: at most this many principal components of the log-normalised expression
+            (not scaled per gene), fitted on the training cells (``neighbour_components``), that
+            prediction joins to the latent code to find a query cell's reference neighbours. At
+            most one component per ``CELLS_PER_NEIGHBOUR_PC`` training cells is kept. On a
+            transcriptome-wide panel the leading components carry the tissue's expression
+            programmes and the trailing ones mostly noise, and a small array cannot estimate
+            many (on the dev data 10-15 components placed cells better than 30-50, see
+            BENCHMARKS.md). A targeted panel of at most ``FULL_RANK_PANEL`` genes (smFISH,
+            MERFISH-like) has little such noise and keeps every component.
         normalize, log1p: ``auto``/``true``/``false``; ``auto`` normalises count data to 1e4 per
             cell and log-transforms non-negative data.
         scale: centre and scale each gene's transformed values on the reference.
@@ -169,7 +182,7 @@ class ReferenceDataModule(L.LightningDataModule):
         layer: str | None = None,
         n_genes: int = 2000,
         n_pcs: int = 0,
-        neighbour_pcs: int = 0,
+        neighbour_pcs: int = 15,
         normalize: str | bool = "auto",
         log1p: str | bool = "auto",
         scale: bool = True,
@@ -325,14 +338,22 @@ class ReferenceDataModule(L.LightningDataModule):
             coord_scale=spread,
             ref_nn_distance=float(np.median(nn_dist)),
             n_pcs=self._n_components(self.n_pcs, len(genes), len(train_idx)),
-            neighbour_pcs=self._n_components(self.neighbour_pcs, len(genes), len(train_idx)),
+            neighbour_pcs=self._neighbour_components(len(genes), len(train_idx)),
         )
-        self.pca_components = None
-        width = max(self.preprocessor.n_pcs, self.preprocessor.neighbour_pcs)
-        if width:
-            transform = ExpressionTransform.from_preprocessor(self.preprocessor)
+        self.pca_components = self.neighbour_components = None
+        if self.preprocessor.n_pcs:
             self.pca_components = principal_components(
-                raw[train_idx], transform, width, self.chunk_size
+                raw[train_idx],
+                ExpressionTransform.from_preprocessor(self.preprocessor),
+                self.preprocessor.n_pcs,
+                self.chunk_size,
+            )
+        if self.preprocessor.neighbour_pcs:
+            self.neighbour_components = principal_components(
+                raw[train_idx],
+                ExpressionTransform(normalize, log1p),  # log-normalised, not scaled per gene
+                self.preprocessor.neighbour_pcs,
+                self.chunk_size,
             )
         std_coords = self.preprocessor.coords_to_model(coords)
         self.raw = raw
@@ -349,6 +370,13 @@ class ReferenceDataModule(L.LightningDataModule):
             _, nbrs = cKDTree(std_coords[train_idx]).query(std_coords[train_idx], k=k + 1)
             self.train_neighbors = nbrs[:, 1:].reshape(len(train_idx), k)
         self._ready = True
+
+    def _neighbour_components(self, n_genes: int, n_train: int) -> int:
+        """How many expression PCs join the latent code (see ``neighbour_pcs``)."""
+        if self.neighbour_pcs <= 0:
+            return 0
+        requested = n_genes if n_genes <= FULL_RANK_PANEL else self.neighbour_pcs
+        return self._n_components(requested, n_genes, n_train // CELLS_PER_NEIGHBOUR_PC + 1)
 
     @staticmethod
     def _n_components(requested: int, n_genes: int, n_cells: int) -> int:

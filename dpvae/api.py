@@ -33,9 +33,13 @@ def build(cfg: DictConfig, reference: ad.AnnData | None = None) -> tuple[Any, DP
     dm = instantiate(cfg.data, **extra)
     dm.setup("fit")
     model = DPVAE(n_genes=dm.n_genes, preprocess=dm.preprocessor.to_dict(), **to_plain(cfg.model))
-    if getattr(dm, "pca_components", None) is not None:  # encoder-input and neighbour PCs
-        with torch.no_grad():
-            model.transform.pca.copy_(torch.as_tensor(dm.pca_components, dtype=torch.float32))
+    with torch.no_grad():  # PCA loadings fitted on the reference: encoder input, neighbour search
+        for buffer, loadings in (
+            ("pca", getattr(dm, "pca_components", None)),
+            ("neighbour_pca", getattr(dm, "neighbour_components", None)),
+        ):
+            if loadings is not None:
+                getattr(model.transform, buffer).copy_(torch.as_tensor(loadings, dtype=torch.float32))
     return dm, model
 
 

@@ -239,10 +239,9 @@ class DPVAE(L.LightningModule):
         for start in range(0, raw.shape[0], batch_size):
             block = raw[start : start + batch_size]
             tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
-            x, mu, _, _ = self._encode(tensor)
-            latent.append(mu.cpu().numpy())
+            latent.append(self._encode(tensor)[1].cpu().numpy())
             if with_pcs and self.transform.neighbour_pcs:
-                pcs.append(self.transform.expression_pcs(x).cpu().numpy())
+                pcs.append(self.transform.expression_pcs(tensor).cpu().numpy())
         self.train(was_training)
         width = self.hparams["latent_dim"]
         z = np.concatenate(latent) if latent else np.zeros((0, width), dtype=np.float32)

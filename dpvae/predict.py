@@ -3,7 +3,7 @@
 Command line::
 
     python -m dpvae.predict checkpoint=RUN_DIR/model.ckpt query=Q.h5ad output=OUT.h5ad \\
-        [mode=impute|reconstruct] [reference=REF.h5ad] [k=10] [n_iter=0] [expression_weight=1] \\
+        [mode=impute|reconstruct] [reference=REF.h5ad] [k=10] [n_iter=0] [expression_weight=1.25] \\
         [plot=GENE_OR_OBS_COLUMN] \\
         [spatial_key=spatial] [layer=NAME] [overwrite=false]
 
@@ -38,6 +38,7 @@ import torch
 from dpvae.errors import DataError, DPVAEError
 from dpvae.io import align_genes, get_coordinates, read_h5ad, write_h5ad_atomic
 from dpvae.module import DPVAE
+from dpvae.solver import EXPRESSION_WEIGHT
 
 MODES = ("impute", "reconstruct")
 EMBEDDING_FILE = "embedding.h5ad"
@@ -126,7 +127,7 @@ def impute_coordinates(
     layer: str | None = None,
     n_iter: int = 0,
     ref_pcs: np.ndarray | None = None,
-    expression_weight: float = 1.0,
+    expression_weight: float = EXPRESSION_WEIGHT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Query coordinates in the reference frame (original units) and the query's latent codes.
 
@@ -195,7 +196,7 @@ def predict_coordinates(
     spatial_key: str = "spatial",
     layer: str | None = None,
     n_iter: int = 0,
-    expression_weight: float = 1.0,
+    expression_weight: float = EXPRESSION_WEIGHT,
 ) -> ad.AnnData:
     """A copy of ``query`` with ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']`` and ``uns['dpvae']``.
 
@@ -331,9 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             raise DPVAEError(f"{output} exists; choose another output or add overwrite=true")
         try:
             k, n_iter = int(args.get("k", "10")), int(args.get("n_iter", "0"))
-            weight = float(args.get("expression_weight", "1.0"))
+            weight = float(args.get("expression_weight", str(EXPRESSION_WEIGHT)))
         except ValueError as exc:
-            raise DPVAEError(f"k and n_iter must be integers, got {args}") from exc
+            raise DPVAEError(
+                "k and n_iter must be integers and expression_weight a number; got "
+                + ", ".join(f"{key}={args.get(key)}" for key in ("k", "n_iter", "expression_weight"))
+            ) from exc
         model = load_model(args["checkpoint"])
         query = read_h5ad(query_path, backed=False)
         with warnings.catch_warnings(record=True) as caught:

@@ -40,6 +40,9 @@ class Preprocessor:
         ref_nn_distance: the reference's median nearest-neighbour distance (original units).
         n_pcs: when > 0, the encoder sees the first ``n_pcs`` principal components of the
             transformed expression (loadings fitted on the reference, kept in the model's state).
+        neighbour_pcs: when > 0, prediction's neighbour search joins this many principal
+            components of the log-normalised expression (not scaled per gene; loadings fitted on
+            the reference) to the latent code.
     """
 
     genes: list[str]
@@ -219,6 +222,7 @@ class ExpressionTransform(nn.Module):
     gene_mean: Tensor
     gene_std: Tensor
     pca: Tensor
+    neighbour_pca: Tensor
 
     def __init__(
         self,
@@ -242,12 +246,14 @@ class ExpressionTransform(nn.Module):
         self.register_buffer("gene_std", torch.tensor(list(gene_std), dtype=torch.float32))
         self.n_pcs = n_pcs
         self.neighbour_pcs = neighbour_pcs
-        # PCA loadings (G, max(n_pcs, neighbour_pcs)); filled from the reference, then saved in
-        # the state dict. The encoder uses the first n_pcs, the neighbour search the first
-        # neighbour_pcs columns.
         self.n_genes = n_genes or len(gene_mean)
-        width = max(n_pcs, neighbour_pcs)
-        self.register_buffer("pca", torch.zeros(self.n_genes if width else 0, width))
+        # PCA loadings, filled from the reference and then saved in the state dict: ``pca``
+        # (G, n_pcs) of the scaled input for the encoder, ``neighbour_pca`` (G, neighbour_pcs) of
+        # the unscaled log-normalised expression for prediction's neighbour search. The second
+        # exists only when used, so checkpoints without it load unchanged.
+        self.register_buffer("pca", torch.zeros(self.n_genes if n_pcs else 0, n_pcs))
+        if neighbour_pcs:
+            self.register_buffer("neighbour_pca", torch.zeros(self.n_genes, neighbour_pcs))
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor) -> ExpressionTransform:
@@ -272,17 +278,25 @@ class ExpressionTransform(nn.Module):
         """What the encoder sees: ``x`` itself, or its principal components."""
         return x @ self.pca[:, : self.n_pcs] if self.n_pcs else x
 
-    def expression_pcs(self, x: Tensor) -> Tensor:
-        """The first ``neighbour_pcs`` principal components of transformed expression ``x``."""
-        return x @ self.pca[:, : self.neighbour_pcs]
+    def expression_pcs(self, raw: Tensor) -> Tensor:
+        """Raw expression (B, G) -> its ``neighbour_pcs`` log-normalised principal components.
 
-    def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        Not centred: only differences between cells matter to a neighbour search.
+        """
+        return self.log_normalise(raw)[0] @ self.neighbour_pca
+
+    def log_normalise(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw expression (B, G) -> (normalised, log-transformed values, library size (B, 1))."""
         library = raw.sum(dim=1, keepdim=True)
         x = raw
         if self.normalize:
             x = x / library.clamp_min(1e-12) * self.target_sum
         if self.log1p:
             x = torch.log1p(x.clamp_min(0.0))
+        return x, library
+
+    def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        x, library = self.log_normalise(raw)
         if self.scale:
             x = ((x - self.gene_mean) / self.gene_std).clamp(-self.clip, self.clip)
         return x, library

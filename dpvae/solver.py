@@ -560,12 +560,18 @@ def reconstruct(
     return out
 
 
+# Weight of the expression part of the joint neighbour search (see :func:`joint_space`), each
+# part at unit spread. One value for every dataset, chosen over all dev datasets (BENCHMARKS.md):
+# lower favours the latent code (BDTNP), higher the expression (the breast-array transfer).
+EXPRESSION_WEIGHT = 1.25
+
+
 def joint_space(
     ref_latent: Tensor,
     query_latent: Tensor,
     ref_extra: Tensor | None = None,
     query_extra: Tensor | None = None,
-    weight: float = 1.0,
+    weight: float = EXPRESSION_WEIGHT,
 ) -> tuple[Tensor, Tensor]:
     """Reference and query codes for a neighbour search over latent and extra features together.
 

@@ -94,3 +94,35 @@ def test_bad_val_fraction(bad: float) -> None:
 
     with pytest.raises(ConfigError, match="val_fraction"):
         ReferenceDataModule(val_fraction=bad)
+
+
+def test_neighbour_pcs_are_log_normalised_and_capped_by_reference_size(tmp_path: Path) -> None:
+    """Prediction's expression PCs: loadings of the unscaled log-normalised training cells, at most
+    one component per CELLS_PER_NEIGHBOUR_PC training cells."""
+    from datamodules.reference import CELLS_PER_NEIGHBOUR_PC
+
+    dm = ReferenceDataModule(_toy(tmp_path), n_genes=30, neighbour_pcs=15, val_fraction=0.1)
+    dm.setup()
+    n_train = len(dm.train_idx)  # 269 cells: 6 components, not 15
+    assert dm.preprocessor.neighbour_pcs == n_train // CELLS_PER_NEIGHBOUR_PC == 6
+    loadings = dm.neighbour_components
+    assert loadings.shape == (30, 6) and dm.pca_components is None
+    x = dm.raw[dm.train_idx].toarray().astype(np.float64)
+    x = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)  # no per-gene scaling
+    vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    top = vecs[:, np.argsort(vals)[::-1][:6]]
+    # the same directions (up to sign): |cosine| of matching columns is 1
+    np.testing.assert_allclose(np.abs((top * loadings).sum(axis=0)), 1.0, atol=1e-6)
+    off = ReferenceDataModule(_toy(tmp_path), n_genes=30, neighbour_pcs=0)
+    off.setup()
+    assert off.preprocessor.neighbour_pcs == 0 and off.neighbour_components is None
+
+
+def test_neighbour_component_rule() -> None:
+    """15 leading components of a transcriptome-wide panel, every component of a targeted panel,
+    and never more than one per CELLS_PER_NEIGHBOUR_PC training cells."""
+    dm = ReferenceDataModule("osmfish")  # not set up: the rule needs no data
+    assert dm._neighbour_components(2000, 100_000) == 15
+    assert dm._neighbour_components(28, 100_000) == 28
+    assert dm._neighbour_components(2000, 180) == 4
+    assert ReferenceDataModule("osmfish", neighbour_pcs=0)._neighbour_components(28, 10_000) == 0
