@@ -39,7 +39,9 @@ def build(cfg: DictConfig, reference: ad.AnnData | None = None) -> tuple[Any, DP
             ("neighbour_pca", getattr(dm, "neighbour_components", None)),
         ):
             if loadings is not None:
-                getattr(model.transform, buffer).copy_(torch.as_tensor(loadings, dtype=torch.float32))
+                getattr(model.transform, buffer).copy_(
+                    torch.as_tensor(loadings, dtype=torch.float32)
+                )
     return dm, model
 
 

@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise DPVAEError(
                 "k and n_iter must be integers and expression_weight a number; got "
-                + ", ".join(f"{key}={args.get(key)}" for key in ("k", "n_iter", "expression_weight"))
+                + ", ".join(
+                    f"{key}={args.get(key)}" for key in ("k", "n_iter", "expression_weight")
+                )
             ) from exc
         model = load_model(args["checkpoint"])
         query = read_h5ad(query_path, backed=False)
