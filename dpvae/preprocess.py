@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
@@ -176,20 +177,34 @@ def principal_components(
 ) -> np.ndarray:
     """Loadings (G, n_pcs) of the top principal components of ``transform(raw)``.
 
-    Computed from the G x G covariance accumulated chunk by chunk (no dense n x G copy).
+    With more cells than genes, from the G x G covariance accumulated chunk by chunk (no dense
+    n x G copy) and only its top eigenpairs; with fewer cells (a small array), from the n x n Gram
+    matrix of the centred cells, which is cheaper and no larger.
     """
     n, g = raw.shape
-    s1 = np.zeros(g)
-    cov = np.zeros((g, g))
-    for start in range(0, n, chunk_size):
-        block = torch.as_tensor(raw[start : start + chunk_size].toarray(), dtype=torch.float32)
-        x = transform(block)[0].double().numpy()
-        s1 += x.sum(axis=0)
-        cov += x.T @ x
-    mean = s1 / max(n, 1)
-    cov = cov / max(n, 1) - np.outer(mean, mean)
-    vals, vecs = np.linalg.eigh(cov)
-    top = vecs[:, np.argsort(vals)[::-1][: min(n_pcs, g)]]
+    k = min(n_pcs, g, max(n, 1))
+
+    def transformed(block: sp.csr_matrix) -> np.ndarray:
+        x = torch.as_tensor(block.toarray(), dtype=torch.float32)
+        return transform(x)[0].double().numpy()
+
+    if n < g:
+        x = transformed(raw)
+        x -= x.mean(axis=0)
+        vals, vecs = scipy.linalg.eigh(x @ x.T, subset_by_index=[n - k, n - 1])
+        top = x.T @ vecs[:, ::-1]
+        top /= np.maximum(np.linalg.norm(top, axis=0), 1e-12)
+    else:
+        s1 = np.zeros(g)
+        cov = np.zeros((g, g))
+        for start in range(0, n, chunk_size):
+            x = transformed(raw[start : start + chunk_size])
+            s1 += x.sum(axis=0)
+            cov += x.T @ x
+        mean = s1 / max(n, 1)
+        cov = cov / max(n, 1) - np.outer(mean, mean)
+        vals, vecs = scipy.linalg.eigh(cov, subset_by_index=[g - k, g - 1])
+        top = vecs[:, ::-1]
     signs = np.sign(top[np.abs(top).argmax(axis=0), range(top.shape[1])])  # deterministic signs
     return top * signs
 

@@ -126,3 +126,18 @@ def test_neighbour_component_rule() -> None:
     assert dm._neighbour_components(28, 100_000) == 28
     assert dm._neighbour_components(2000, 180) == 4
     assert ReferenceDataModule("osmfish", neighbour_pcs=0)._neighbour_components(28, 10_000) == 0
+
+
+@pytest.mark.parametrize("n_cells", [40, 400])  # fewer cells than genes (Gram path), and more
+def test_principal_components_match_numpy(n_cells: int) -> None:
+    from dpvae.preprocess import ExpressionTransform, principal_components
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(n_cells, 3)) @ rng.normal(size=(3, 120)) * 3  # three strong axes
+    x = sp.csr_matrix(rng.poisson(np.exp(1 + latent / 10)).astype(np.float32))
+    loadings = principal_components(x, ExpressionTransform(True, True), 5, chunk_size=64)
+    y = np.log1p(x.toarray() / x.toarray().sum(axis=1, keepdims=True) * 1e4)
+    vals, vecs = np.linalg.eigh(np.cov(y, rowvar=False, bias=True))
+    top = vecs[:, np.argsort(vals)[::-1][:5]]
+    assert loadings.shape == (120, 5)
+    np.testing.assert_allclose(np.abs((top * loadings).sum(axis=0)), 1.0, atol=1e-5)
