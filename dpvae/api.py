@@ -89,12 +89,19 @@ def fit_predict(
 ) -> np.ndarray:
     """Train on ``reference`` and return the query cells' coordinates in the reference's frame.
 
-    Both tasks place query cells against the reference (impute); for ``transfer`` only
+    Trains on every reference cell (``data.val_fraction=0``: nothing here reads validation
+    metrics; an override may hold cells out again). Both tasks place query cells against the
+    reference; for ``transfer`` (the query is another section) the query's latent codes and
+    expression PCs are first centred on the reference's (``align_query``), and only
     rotation-invariant scores are meaningful, which this satisfies.
     """
     from dpvae.predict import impute_coordinates
 
-    model, dm = fit(reference, [f"seed={seed}", "logger=none", *overrides])
+    if task not in ("impute", "transfer"):
+        raise ValueError(f"task must be 'impute' or 'transfer', got {task!r}")
+    model, dm = fit(reference, [f"seed={seed}", "logger=none", "data.val_fraction=0", *overrides])
     ref_latent, ref_pcs = model.embed(dm.raw, with_pcs=True)
-    coords, _ = impute_coordinates(model, query, ref_latent, dm.coords, ref_pcs=ref_pcs)
+    coords, _ = impute_coordinates(
+        model, query, ref_latent, dm.coords, ref_pcs=ref_pcs, align_query=task == "transfer"
+    )
     return coords
