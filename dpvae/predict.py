@@ -144,7 +144,8 @@ def impute_coordinates(
     with those components (each part scaled to unit spread on the reference, the PCs times
     ``expression_weight``): the latent code carries the distance-preserving geometry, the leading
     expression components sharpen who is next to whom. Over three seeds this raised every score on
-    DLPFC (151674: dist_pearson 0.71 -> 0.76, knn10 0.10 -> 0.14) and STARmap (see BENCHMARKS.md).
+    DLPFC (151674: dist_pearson 0.708 -> 0.729, knn10 0.098 -> 0.136) and STARmap (0.472 -> 0.525;
+    see BENCHMARKS.md).
 
     Each query cell starts at the distance-weighted mean of its ``k`` latent neighbours' coordinates;
     ``n_iter`` > 0 then minimises the weighted stress to those neighbours
