@@ -68,6 +68,7 @@ def _write_embedding(model: Any, dm: Any, path: Path, batch_size: int) -> None:
 
     from dpvae.io import write_h5ad_atomic
 
+    # the model's codes as they are; prediction calibrates the "train" rows against the "val" ones
     latent, pcs = model.embed(dm.raw, batch_size=batch_size, with_pcs=True)
     split = np.full(len(latent), "train", dtype=object)
     split[dm.val_idx] = "val"

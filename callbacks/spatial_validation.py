@@ -9,7 +9,14 @@ import numpy as np
 import torch
 
 from dpvae.metrics import LatentDistortion, SpatialScores
-from dpvae.solver import EXPRESSION_WEIGHT, impute, joint_space, knn_mean
+from dpvae.solver import (
+    EXPRESSION_WEIGHT,
+    NEIGHBOURS,
+    calibrate_in_sample,
+    impute,
+    joint_space,
+    knn_mean,
+)
 
 
 class SpatialValidation(L.Callback):
@@ -30,7 +37,7 @@ class SpatialValidation(L.Callback):
     Args:
         every_n_epochs: run on every n-th validation epoch (and always on the last one); every
             epoch when a checkpoint or early-stopping callback monitors one of these metrics.
-        k: latent neighbours per validation cell.
+        k: reference neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
         seed: seed of that subsample.
         n_iter: stress-majorisation iterations of :func:`dpvae.solver.impute` on the latent
@@ -41,7 +48,7 @@ class SpatialValidation(L.Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        k: int = 10,
+        k: int = NEIGHBOURS,
         max_reference: int = 50_000,
         seed: int = 0,
         n_iter: int = 0,
@@ -105,8 +112,14 @@ class SpatialValidation(L.Callback):
         ref_latent = torch.as_tensor(ref_latent, device=device)
         ref_coords = train_set.coords[ref_rows].to(device)
         shard = np.array_split(np.arange(len(val_set)), trainer.world_size)[trainer.global_rank]
-        latent, pcs = embed(val_set.raw[shard], with_pcs=True)
-        latent = torch.as_tensor(latent, device=device)
+        # every rank embeds all validation cells (same weights, same result): their spread
+        # calibrates the training cells' codes as prediction does (calibrate_in_sample)
+        val_latent, val_pcs = embed(val_set.raw, with_pcs=True)
+        both = torch.cat([ref_latent, torch.as_tensor(val_latent, device=device)])
+        in_sample = torch.arange(len(both), device=device) < len(ref_latent)
+        ref_latent = calibrate_in_sample(both, in_sample)[0][: len(ref_latent)]
+        latent = torch.as_tensor(val_latent[shard], device=device)
+        pcs = None if val_pcs is None else val_pcs[shard]
         coords = val_set.coords[shard].to(device)
         index = val_set.index[shard].to(device)
         lam = pl_module.scale_value()  # type: ignore[operator]

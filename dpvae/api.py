@@ -80,6 +80,17 @@ def fit(
     return model.cpu().eval(), dm
 
 
+def reference_latent(model: DPVAE, dm: Any, batch_size: int = 4096) -> tuple[np.ndarray, Any]:
+    """Latent codes (training cells calibrated, see :func:`dpvae.solver.calibrate_in_sample`) and
+    expression PCs of every reference cell of a fitted datamodule, in its cell order."""
+    from dpvae.solver import calibrate_in_sample
+
+    latent, pcs = model.embed(dm.raw, batch_size=batch_size, with_pcs=True)
+    in_sample = np.zeros(len(latent), dtype=bool)
+    in_sample[dm.train_idx] = True
+    return calibrate_in_sample(latent, in_sample)[0], pcs
+
+
 def fit_predict(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -89,18 +100,18 @@ def fit_predict(
 ) -> np.ndarray:
     """Train on ``reference`` and return the query cells' coordinates in the reference's frame.
 
-    Trains on every reference cell (``data.val_fraction=0``: nothing here reads validation
-    metrics; an override may hold cells out again). Both tasks place query cells against the
-    reference; for ``transfer`` (the query is another section) the query's latent codes and
-    expression PCs are first centred on the reference's (``align_query``), and only
-    rotation-invariant scores are meaningful, which this satisfies.
+    The held-out reference cells (``data.val_fraction``) calibrate the training cells' codes
+    (:func:`reference_latent`). Both tasks place query cells against the reference; for
+    ``transfer`` (the query is another section) the query's latent codes and expression PCs are
+    first centred on the reference's (``align_query``), and only rotation-invariant scores are
+    meaningful, which this satisfies.
     """
     from dpvae.predict import impute_coordinates
 
     if task not in ("impute", "transfer"):
         raise ValueError(f"task must be 'impute' or 'transfer', got {task!r}")
-    model, dm = fit(reference, [f"seed={seed}", "logger=none", "data.val_fraction=0", *overrides])
-    ref_latent, ref_pcs = model.embed(dm.raw, with_pcs=True)
+    model, dm = fit(reference, [f"seed={seed}", "logger=none", *overrides])
+    ref_latent, ref_pcs = reference_latent(model, dm)
     coords, _ = impute_coordinates(
         model, query, ref_latent, dm.coords, ref_pcs=ref_pcs, align_query=task == "transfer"
     )

@@ -3,7 +3,7 @@
 Command line::
 
     python -m dpvae.predict checkpoint=RUN_DIR/model.ckpt query=Q.h5ad output=OUT.h5ad \\
-        [mode=impute|reconstruct] [reference=REF.h5ad] [k=10] [n_iter=0] [expression_weight=1.25] \\
+        [mode=impute|reconstruct] [reference=REF.h5ad] [k=8] [n_iter=0] [expression_weight=1.25] \\
         [align_query=false] [plot=GENE_OR_OBS_COLUMN] \\
         [spatial_key=spatial] [layer=NAME] [overwrite=false]
 
@@ -38,7 +38,7 @@ import torch
 from dpvae.errors import DataError, DPVAEError
 from dpvae.io import align_genes, get_coordinates, read_h5ad, write_h5ad_atomic
 from dpvae.module import DPVAE
-from dpvae.solver import EXPRESSION_WEIGHT
+from dpvae.solver import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample
 
 MODES = ("impute", "reconstruct")
 EMBEDDING_FILE = "embedding.h5ad"
@@ -97,7 +97,10 @@ def reference_embedding(
     """Latent codes, coordinates and expression PCs (or ``None``) of the reference cells.
 
     ``reference``: ``None`` for the ``embedding.h5ad`` next to the model's checkpoint, the path of
-    such an embedding file, or a reference ``.h5ad``/AnnData with expression and coordinates.
+    such an embedding file, or a reference ``.h5ad``/AnnData with expression and coordinates. In an
+    embedding file the training cells (``obs['split'] == 'train'``) are calibrated against the
+    held-out ones (:func:`dpvae.solver.calibrate_in_sample`); cells of an expression reference are
+    embedded as new cells, as they are.
     """
     if reference is None:
         ckpt = getattr(model, "checkpoint_path", None)
@@ -113,6 +116,9 @@ def reference_embedding(
     if _is_embedding(adata, model):
         latent = np.asarray(adata.X, dtype=np.float32)
         pcs = np.asarray(adata.obsm[EXPR_PCS]) if EXPR_PCS in adata.obsm else None
+        if "split" in adata.obs:  # the run's own cells: calibrate the training ones
+            in_sample = np.asarray(adata.obs["split"].astype(str) == "train")
+            latent = calibrate_in_sample(latent, in_sample)[0]
     else:
         latent, pcs, _ = encode_query(model, adata)
     return latent, coords, pcs
@@ -123,7 +129,7 @@ def impute_coordinates(
     query: ad.AnnData,
     ref_latent: np.ndarray,
     ref_coords: np.ndarray,
-    k: int = 10,
+    k: int = NEIGHBOURS,
     layer: str | None = None,
     n_iter: int = 0,
     ref_pcs: np.ndarray | None = None,
@@ -204,7 +210,7 @@ def predict_coordinates(
     query: ad.AnnData,
     mode: str = "impute",
     reference: str | Path | ad.AnnData | None = None,
-    k: int = 10,
+    k: int = NEIGHBOURS,
     spatial_key: str = "spatial",
     layer: str | None = None,
     n_iter: int = 0,
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         if output.exists() and args.get("overwrite", "false").lower() != "true":
             raise DPVAEError(f"{output} exists; choose another output or add overwrite=true")
         try:
-            k, n_iter = int(args.get("k", "10")), int(args.get("n_iter", "0"))
+            k, n_iter = int(args.get("k", str(NEIGHBOURS))), int(args.get("n_iter", "0"))
             weight = float(args.get("expression_weight", str(EXPRESSION_WEIGHT)))
         except ValueError as exc:
             raise DPVAEError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -235,3 +236,33 @@ def test_joint_space_scales_each_part_to_unit_spread() -> None:
     # without extra features or with weight 0: the latent codes unchanged
     assert joint_space(zr, zq)[0] is zr
     assert joint_space(zr, zq, er, eq, weight=0.0)[1] is zq
+
+
+def test_calibrate_in_sample_matches_held_out_spread() -> None:
+    """Training rows spread twice as wide as held-out rows: they are scaled about their own mean
+    to the held-out spread; held-out rows are untouched; a narrower in-sample set is not enlarged."""
+    from dpvae.solver import calibrate_in_sample
+
+    rng = np.random.default_rng(0)
+    held_out = rng.normal(size=(200, 4))
+    train = 5.0 + 2.0 * rng.normal(size=(800, 4))
+    latent = np.vstack([train, held_out])
+    in_sample = np.arange(1000) < 800
+    out, scale = calibrate_in_sample(latent, in_sample)
+
+    def spread(x: np.ndarray) -> float:
+        return float(np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean()))
+
+    assert 0.45 < scale < 0.55
+    assert spread(out[in_sample]) == pytest.approx(spread(held_out), rel=1e-9)
+    np.testing.assert_allclose(out[in_sample].mean(0), train.mean(0), atol=1e-12)
+    np.testing.assert_array_equal(out[~in_sample], held_out)
+    assert latent[0, 0] == train[0, 0]  # the input is not modified
+    same, one = calibrate_in_sample(
+        np.vstack([held_out[:100], 2 * held_out[100:]]), np.arange(200) < 100
+    )
+    assert one == 1.0 and np.array_equal(same[:100], held_out[:100])
+    # torch tensors give the same result
+    t_out, t_scale = calibrate_in_sample(torch.as_tensor(latent), torch.as_tensor(in_sample))
+    np.testing.assert_allclose(t_out.numpy(), out, atol=1e-10)
+    assert t_scale == pytest.approx(scale)
