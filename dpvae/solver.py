@@ -562,6 +562,11 @@ def reconstruct(
     return out
 
 
+def rms_spread(x: Any) -> float:
+    """Root-mean-square distance of the rows of ``x`` (numpy array or tensor) to their mean."""
+    return float((((x - x.mean(0)) ** 2).sum(1).mean()) ** 0.5)
+
+
 def calibrate_in_sample(latent: Any, in_sample: Any) -> Any:
     """Shrink the training cells' latent codes to the spread of cells the encoder never saw.
 
@@ -580,11 +585,8 @@ def calibrate_in_sample(latent: Any, in_sample: Any) -> Any:
     if n_in < 2 or len(latent) - n_in < 2:
         return latent, 1.0
 
-    def spread(x: Any) -> float:
-        return float((((x - x.mean(0)) ** 2).sum(1).mean()) ** 0.5)
-
     inside, outside = latent[mask], latent[~mask]
-    scale = spread(outside) / max(spread(inside), 1e-12)
+    scale = rms_spread(outside) / max(rms_spread(inside), 1e-12)
     out = latent.clone() if hasattr(latent, "clone") else latent.copy()
     if scale >= 1.0:
         return out, 1.0
@@ -620,10 +622,7 @@ def joint_space(
     if ref_extra is None or query_extra is None or weight <= 0:
         return ref_latent, query_latent
 
-    def spread(x: Tensor) -> Tensor:
-        return (x - x.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt().clamp_min(1e-12)
-
-    sz, se = spread(ref_latent), spread(ref_extra)
+    sz, se = max(rms_spread(ref_latent), 1e-12), max(rms_spread(ref_extra), 1e-12)
     ref = torch.cat([ref_latent / sz, weight * ref_extra / se], dim=1)
     query = torch.cat([query_latent / sz, weight * query_extra / se], dim=1)
     return ref, query
