@@ -149,9 +149,10 @@ def impute_coordinates(
     ``ref_pcs`` are given (and ``n_iter`` is 0), neighbours are searched in the latent space joined
     with those components (each part scaled to unit spread on the reference, the PCs times
     ``expression_weight``): the latent code carries the distance-preserving geometry, the leading
-    expression components sharpen who is next to whom. Over three seeds this raised every score on
-    DLPFC (151674: dist_pearson 0.708 -> 0.729, knn10 0.098 -> 0.136) and STARmap (0.472 -> 0.525;
-    see BENCHMARKS.md).
+    expression components sharpen who is next to whom. With the calibration of the reference's
+    training cells (:func:`reference_embedding`), over three seeds this took DLPFC 151674 from
+    dist_pearson 0.708 / knn10 0.098 to 0.759 / 0.138 and STARmap from 0.472 to 0.522 (see
+    BENCHMARKS.md).
 
     Each query cell starts at the distance-weighted mean of its ``k`` latent neighbours' coordinates;
     ``n_iter`` > 0 then minimises the weighted stress to those neighbours
