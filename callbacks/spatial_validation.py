@@ -23,11 +23,12 @@ class SpatialValidation(L.Callback):
     """Every ``every_n_epochs`` validation epochs, place the validation cells and log ``val/`` scores.
 
     The validation cells are embedded and placed against the training cells as prediction places
-    query cells (``k`` neighbours in the latent space, joined with the expression principal
-    components when the model has them; :func:`dpvae.predict.impute_coordinates`), and scored against their true coordinates with the benchmark's
-    metrics: ``val/dist_pearson``, ``val/dist_spearman``, ``val/knn10``, ``val/median_error``, plus
-    the latent distortion (``val/distortion_max_min``, ``val/distortion_p95_p5``) and best-scale
-    ``val/stress``. Under DDP every rank places its own shard of validation cells (the training
+    query cells (``k`` neighbours in the latent space, training cells calibrated, joined with the
+    expression principal components when the model has them;
+    :func:`dpvae.predict.impute_coordinates`), and scored against their true coordinates with the
+    benchmark's metrics: ``val/dist_pearson``, ``val/dist_spearman``, ``val/knn10``,
+    ``val/median_error``, plus the latent distortion (``val/distortion_max_min``,
+    ``val/distortion_p95_p5``) and best-scale ``val/stress``. Under DDP every rank places its own shard of validation cells (the training
     cells are embedded on every rank with the same weights) and the torchmetrics states gather
     across ranks, ordered by cell id, so the logged values equal a single process's.
 

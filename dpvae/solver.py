@@ -567,7 +567,7 @@ def rms_spread(x: Any) -> float:
     return float((((x - x.mean(0)) ** 2).sum(1).mean()) ** 0.5)
 
 
-def calibrate_in_sample(latent: Any, in_sample: Any) -> Any:
+def calibrate_in_sample(latent: Any, in_sample: Any) -> tuple[Any, float]:
     """Shrink the training cells' latent codes to the spread of cells the encoder never saw.
 
     The encoder fits its training cells' distance constraints more tightly than it generalises:
@@ -575,19 +575,18 @@ def calibrate_in_sample(latent: Any, in_sample: Any) -> Any:
     1.64), so a query cell's nearest references are biased towards the held-out ones. The rows
     flagged ``in_sample`` are scaled about their mean by rms spread(held-out) / rms spread
     (in-sample), never enlarged. Rows need no particular order; numpy arrays and torch tensors
-    both work. With fewer than two held-out or in-sample rows the codes are returned unchanged.
+    both work. With fewer than two held-out or in-sample rows nothing is scaled.
 
     Returns:
-        (calibrated codes (a copy), the scale applied).
+        (a calibrated copy of ``latent``, the scale applied).
     """
     mask = in_sample.astype(bool) if hasattr(in_sample, "astype") else in_sample.bool()
+    out = latent.clone() if hasattr(latent, "clone") else latent.copy()
     n_in = int(mask.sum())
     if n_in < 2 or len(latent) - n_in < 2:
-        return latent, 1.0
-
+        return out, 1.0
     inside, outside = latent[mask], latent[~mask]
     scale = rms_spread(outside) / max(rms_spread(inside), 1e-12)
-    out = latent.clone() if hasattr(latent, "clone") else latent.copy()
     if scale >= 1.0:
         return out, 1.0
     center = inside.mean(0)
