@@ -376,7 +376,7 @@ class ReferenceDataModule(L.LightningDataModule):
         if self.neighbour_pcs <= 0:
             return 0
         requested = n_genes if n_genes <= FULL_RANK_PANEL else self.neighbour_pcs
-        return self._n_components(requested, n_genes, n_train // CELLS_PER_NEIGHBOUR_PC + 1)
+        return min(requested, n_genes, max(n_train // CELLS_PER_NEIGHBOUR_PC, 1))
 
     @staticmethod
     def _n_components(requested: int, n_genes: int, n_cells: int) -> int:
