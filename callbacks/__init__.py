@@ -1,9 +1,15 @@
-"""Lightning callbacks for dpvae training."""
+"""Lightning callbacks for dpvae training.
+
+In a checkout this is the top-level ``callbacks/`` folder; it is installed as ``dpvae.callbacks``
+(the only name it is imported by). Every callback of a run is named in the ``callbacks:`` section of
+``conf/train.yaml``.
+"""
 
 from __future__ import annotations
 
-from callbacks.best_weights import BestWeights
-from callbacks.early_stopping import WarmupEarlyStopping
-from callbacks.spatial_validation import SpatialValidation
+from .best_weights import BestWeights
+from .checkpoint import RunCheckpoint
+from .early_stopping import WarmupEarlyStopping
+from .spatial_validation import SpatialValidation
 
-__all__ = ["BestWeights", "SpatialValidation", "WarmupEarlyStopping"]
+__all__ = ["BestWeights", "RunCheckpoint", "SpatialValidation", "WarmupEarlyStopping"]

@@ -14,7 +14,7 @@ class BestWeights(L.Callback):
     """Restore the weights of the epoch with the best ``monitor`` value at the end of ``fit``.
 
     The in-memory counterpart of a monitored checkpoint, for training that writes no files
-    (:func:`dpvae.api.fit`). Under DDP every rank sees the same synchronised value and restores the
+    (:func:`dpvae.fit`) and for the embedding a run writes at its end. Under DDP every rank sees the same synchronised value and restores the
     same weights.
 
     Args:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping
 
@@ -11,8 +13,12 @@ class WarmupEarlyStopping(EarlyStopping):
 
     During ``model.warmup_epochs`` the model is not yet distance-preserving, so its spatial scores
     say nothing about when to stop; patience only starts counting once the regularizer is on.
-    Takes the keyword arguments of ``EarlyStopping``.
+    Takes the keyword arguments of ``EarlyStopping``; ``monitor=None`` turns it off.
     """
+
+    def __init__(self, monitor: str | None = None, **kwargs: Any) -> None:
+        self.enabled = bool(monitor)
+        super().__init__(monitor=monitor or "val/loss", **kwargs)
 
     @staticmethod
     def _in_warmup(pl_module: L.LightningModule) -> bool:
@@ -20,9 +26,9 @@ class WarmupEarlyStopping(EarlyStopping):
         return pl_module.current_epoch < warmup
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._in_warmup(pl_module):
+        if self.enabled and not self._in_warmup(pl_module):
             super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._in_warmup(pl_module):
+        if self.enabled and not self._in_warmup(pl_module):
             super().on_train_epoch_end(trainer, pl_module)

@@ -8,32 +8,26 @@ import lightning as L
 import numpy as np
 import torch
 
+from dpvae.contracts import ReferenceData
 from dpvae.metrics import LatentDistortion, SpatialScores
-from dpvae.solver import (
-    EXPRESSION_WEIGHT,
-    NEIGHBOURS,
-    calibrate_in_sample,
-    impute,
-    joint_space,
-    knn_mean,
-)
+from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
 
 
 class SpatialValidation(L.Callback):
     """Every ``every_n_epochs`` validation epochs, place the validation cells and log ``val/`` scores.
 
-    The validation cells are embedded and placed against the training cells as prediction places
-    query cells (``k`` neighbours in the latent space, training cells calibrated, joined with the
-    expression principal components when the model has them;
-    :func:`dpvae.predict.impute_coordinates`), and scored against their true coordinates with the
+    The validation cells are embedded and placed against the training cells by the rules
+    prediction uses (:func:`dpvae.placement.place`: ``k`` neighbours in the latent space, training
+    cells calibrated, joined with the expression principal components when the model has them),
+    and scored against their true coordinates with the
     benchmark's metrics: ``val/dist_pearson``, ``val/dist_spearman``, ``val/knn10``,
     ``val/median_error``, plus the latent distortion (``val/distortion_max_min``,
     ``val/distortion_p95_p5``) and best-scale ``val/stress``. Under DDP every rank places its own shard of validation cells (the training
     cells are embedded on every rank with the same weights) and the torchmetrics states gather
     across ranks, ordered by cell id, so the logged values equal a single process's.
 
-    The datamodule must expose ``train_set`` and ``val_set`` with ``raw`` (CSR), ``coords``
-    (standardised) and ``index``, as :class:`datamodules.ReferenceDataModule` does.
+    The datamodule must implement :class:`dpvae.contracts.ReferenceData` (its ``cells("train")``
+    and ``cells("val")`` are read), as :class:`dpvae.datamodules.ReferenceDataModule` does.
 
     Args:
         every_n_epochs: run on every n-th validation epoch (and always on the last one); every
@@ -96,54 +90,52 @@ class SpatialValidation(L.Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm: Any = trainer.datamodule  # type: ignore[attr-defined]
-        if not self._due(trainer) or dm is None or len(dm.val_set) == 0:
+        dm = trainer.datamodule  # type: ignore[attr-defined]
+        if not self._due(trainer) or not isinstance(dm, ReferenceData):
+            return
+        val = dm.cells("val")
+        if len(val) == 0:
             return
         assert self.scores is not None and self.distortion is not None
         device = pl_module.device
         self.scores.to(device)
         self.distortion.to(device)
-        train_set, val_set = dm.train_set, dm.val_set
-        ref_rows = np.arange(len(train_set))
+        train = dm.cells("train")
+        pre = dm.preprocessor
+        ref_rows = np.arange(len(train))
         if len(ref_rows) > self.max_reference:
             rng = np.random.default_rng(self.seed)
             ref_rows = np.sort(rng.choice(len(ref_rows), self.max_reference, replace=False))
         embed: Any = pl_module.embed
-        ref_latent, ref_pcs = embed(train_set.raw[ref_rows], with_pcs=True)
+        ref_latent, ref_pcs = embed(train.raw[ref_rows], with_pcs=True)
         ref_latent = torch.as_tensor(ref_latent, device=device)
-        ref_coords = train_set.coords[ref_rows].to(device)
-        shard = np.array_split(np.arange(len(val_set)), trainer.world_size)[trainer.global_rank]
+        ref_coords = torch.as_tensor(
+            pre.coords_to_model(train.coords[ref_rows]), dtype=torch.float32, device=device
+        )
+        shard = np.array_split(np.arange(len(val)), trainer.world_size)[trainer.global_rank]
         # every rank embeds all validation cells (same weights, same result): their spread
         # calibrates the training cells' codes as prediction does (calibrate_in_sample)
-        val_latent, val_pcs = embed(val_set.raw, with_pcs=True)
+        val_latent, val_pcs = embed(val.raw, with_pcs=True)
         both = torch.cat([ref_latent, torch.as_tensor(val_latent, device=device)])
         in_sample = torch.arange(len(both), device=device) < len(ref_latent)
         ref_latent = calibrate_in_sample(both, in_sample)[0][: len(ref_latent)]
         latent = torch.as_tensor(val_latent[shard], device=device)
-        pcs = None if val_pcs is None else val_pcs[shard]
-        coords = val_set.coords[shard].to(device)
-        index = val_set.index[shard].to(device)
-        lam = pl_module.scale_value()  # type: ignore[operator]
-        k = min(self.k, len(ref_rows))
+        coords = torch.as_tensor(
+            pre.coords_to_model(val.coords[shard]), dtype=torch.float32, device=device
+        )
+        index = torch.as_tensor(val.index[shard], dtype=torch.int64, device=device)
         if len(shard):
-            if self.n_iter == 0 and ref_pcs is not None and self.expression_weight > 0:
-                joint_ref, joint_val = joint_space(
-                    ref_latent.double(),
-                    latent.double(),
-                    torch.as_tensor(ref_pcs, device=device).double(),
-                    torch.as_tensor(pcs, device=device).double(),
-                    self.expression_weight,
-                )
-                pred = knn_mean(joint_val, joint_ref, ref_coords.double(), k=k)
-            else:
-                pred = impute(
-                    latent.double(),
-                    ref_latent.double(),
-                    ref_coords.double(),
-                    scale=lam,
-                    k=k,
-                    n_iter=self.n_iter,
-                )
+            pred = place(
+                latent,
+                ref_latent,
+                ref_coords,
+                query_pcs=None if val_pcs is None else val_pcs[shard],
+                ref_pcs=ref_pcs,
+                scale=pl_module.scale_value(),  # type: ignore[operator]
+                k=self.k,
+                n_iter=self.n_iter,
+                expression_weight=self.expression_weight,
+            )
             self.scores.update(pred.float(), coords, index)
             self.distortion.update(latent, coords, index)
         values = {**self.scores.compute(), **self.distortion.compute()}  # collective: every rank

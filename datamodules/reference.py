@@ -16,17 +16,10 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dpvae.contracts import Cells, Split
 from dpvae.errors import ConfigError, DataError
 from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
-from dpvae.preprocess import (
-    ExpressionTransform,
-    Preprocessor,
-    extract_rows,
-    gene_moments,
-    principal_components,
-    scan_matrix,
-    select_genes,
-)
+from dpvae.preprocess import Preprocessor, fit_preprocessor, scan_matrix
 
 
 class CellDataset(Dataset):
@@ -55,12 +48,6 @@ class CellDataset(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
 
-# fewest training cells per expression principal component of the neighbour search
-CELLS_PER_NEIGHBOUR_PC = 40
-# targeted panels of at most this many genes keep every component in the neighbour search
-FULL_RANK_PANEL = 50
-
-
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -75,8 +62,8 @@ class PairedBatchSampler(Sampler[list[int]]):
     are left out, a different few each epoch), and every rank gets the same number of batches.
 
     Args:
-        neighbors: (n, k) indices of each cell's spatial neighbours (local row ids), or ``None`` for
-            plain random batches.
+        neighbours: (n, k) indices of each cell's spatial neighbours (local row ids), or ``None``
+            for plain random batches.
         batch_size: cells per batch (anchors + neighbours).
         seed: base seed; the order depends on (seed, epoch) only.
         rank, world_size: this process's shard.
@@ -85,20 +72,18 @@ class PairedBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
         n: int,
-        neighbors: np.ndarray | None,
+        neighbours: np.ndarray | None,
         batch_size: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        drop_last: bool = False,
     ) -> None:
         self.n = n
-        self.neighbors = neighbors
-        self.per_batch = max(batch_size // 2, 1) if neighbors is not None else batch_size
+        self.neighbours = neighbours
+        self.per_batch = max(batch_size // 2, 1) if neighbours is not None else batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.drop_last = drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -109,8 +94,7 @@ class PairedBatchSampler(Sampler[list[int]]):
         return self.n // self.world_size if self.world_size > 1 else self.n
 
     def __len__(self) -> int:
-        m = self._shard_size()
-        return m // self.per_batch if self.drop_last else math.ceil(m / self.per_batch)
+        return math.ceil(self._shard_size() / self.per_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -118,11 +102,11 @@ class PairedBatchSampler(Sampler[list[int]]):
         m = self._shard_size()
         shard = order[self.rank * m : (self.rank + 1) * m]
         partner = None
-        if self.neighbors is not None:
+        if self.neighbours is not None:
             pick = np.random.default_rng([self.seed, self.epoch, 1 + self.rank]).integers(
-                0, self.neighbors.shape[1], size=len(shard)
+                0, self.neighbours.shape[1], size=len(shard)
             )
-            partner = self.neighbors[shard, pick]
+            partner = self.neighbours[shard, pick]
         for b in range(len(self)):
             anchors = shard[b * self.per_batch : (b + 1) * self.per_batch]
             if partner is None:
@@ -134,6 +118,9 @@ class PairedBatchSampler(Sampler[list[int]]):
 
 class ReferenceDataModule(L.LightningDataModule):
     """A reference spatial section as training and validation batches.
+
+    Implements :class:`dpvae.contracts.ReferenceData` (``preprocessor`` and ``cells(split)``), the
+    only parts the pipeline and the callbacks read.
 
     Reads an ``.h5ad`` (backed when large), applies the input hygiene (drops ``Blank*`` features and
     cells with zero total expression; cells with non-finite coordinates are an error unless
@@ -148,24 +135,19 @@ class ReferenceDataModule(L.LightningDataModule):
         layer: take expression from this layer instead of ``X``.
         n_genes: number of most variable genes to keep (0: all).
         n_pcs: when > 0, the encoder sees this many principal components of the transformed
-            expression, fitted on the training cells (``pca_components`` of this module).
+            expression, fitted on the training cells.
         neighbour_pcs: at most this many principal components of the log-normalised expression
-            (not scaled per gene), fitted on the training cells (``neighbour_components``), that
-            prediction joins to the latent code to find a query cell's reference neighbours. At
-            most one component per ``CELLS_PER_NEIGHBOUR_PC`` training cells is kept. On a
-            transcriptome-wide panel the leading components carry the tissue's expression
-            programmes and the trailing ones mostly noise, and a small array cannot estimate
-            many (on the dev data 10-15 components placed cells better than 30-50, see
-            BENCHMARKS.md). A targeted panel of at most ``FULL_RANK_PANEL`` genes (smFISH,
-            MERFISH-like) has little such noise and keeps every component.
+            (not scaled per gene), fitted on the training cells, that prediction joins to the
+            latent code to find a query cell's reference neighbours (the rule of
+            :func:`dpvae.preprocess.neighbour_components`).
         normalize, log1p: ``auto``/``true``/``false``; ``auto`` normalises count data to 1e4 per
             cell and log-transforms non-negative data.
         scale: centre and scale each gene's transformed values on the reference.
         val_fraction: fraction of reference cells held out for validation (0: none).
         batch_size: cells per training batch.
-        neighbor_pairs: pair each sampled cell with a random one of its ``n_neighbors`` nearest
+        neighbour_pairs: pair each sampled cell with a random one of its ``n_neighbours`` nearest
             spatial neighbours in the batch.
-        n_neighbors: size of the spatial neighbourhood that partners are drawn from.
+        n_neighbours: size of the spatial neighbourhood that partners are drawn from.
         seed: seed of the validation split and of batch order.
         min_cells: fewest usable cells accepted.
         drop_nonfinite: drop cells with NaN/infinite coordinates instead of failing.
@@ -188,8 +170,8 @@ class ReferenceDataModule(L.LightningDataModule):
         scale: bool = True,
         val_fraction: float = 0.1,
         batch_size: int = 256,
-        neighbor_pairs: bool = True,
-        n_neighbors: int = 8,
+        neighbour_pairs: bool = True,
+        n_neighbours: int = 8,
         seed: int = 0,
         min_cells: int = 10,
         drop_nonfinite: bool = False,
@@ -215,8 +197,8 @@ class ReferenceDataModule(L.LightningDataModule):
         self.scale = scale
         self.val_fraction = val_fraction
         self.batch_size = batch_size
-        self.neighbor_pairs = neighbor_pairs
-        self.n_neighbors = n_neighbors
+        self.neighbour_pairs = neighbour_pairs
+        self.n_neighbours = n_neighbours
         self.seed = seed
         self.min_cells = min_cells
         self.drop_nonfinite = drop_nonfinite
@@ -226,6 +208,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self.require_counts = require_counts
         self.num_workers = num_workers
         self._ready = False
+        self._preprocessor: Preprocessor | None = None
 
     # ------------------------------------------------------------------ setup
     def _open(self) -> ad.AnnData:
@@ -292,18 +275,6 @@ class ReferenceDataModule(L.LightningDataModule):
                 )
         normalize = self._flag(self.normalize, count_data, "normalize")
         log1p = self._flag(self.log1p, minimum >= 0, "log1p")
-        cols = select_genes(
-            matrix,
-            rows,
-            gene_mask,
-            totals,
-            self.n_genes_requested,
-            normalize,
-            log1p,
-            self.chunk_size,
-        )
-        raw = extract_rows(matrix, rows, cols, self.chunk_size)
-        coords = coords[rows]
 
         n = len(rows)
         n_val = int(round(self.val_fraction * n))
@@ -315,83 +286,56 @@ class ReferenceDataModule(L.LightningDataModule):
         perm = np.random.default_rng(self.seed).permutation(n)
         val_idx = np.sort(perm[:n_val])
         train_idx = np.sort(perm[n_val:])
-
-        train_coords = coords[train_idx]
-        center = train_coords.mean(axis=0)
-        spread = float(np.sqrt(np.mean((train_coords - center) ** 2)))
-        if not spread > 0:
-            raise DataError("all reference cells sit at the same position; coordinates are needed")
-        nn_dist = cKDTree(train_coords).query(train_coords, k=2)[0][:, 1]
-        if self.scale:
-            mean, std = gene_moments(raw[train_idx], normalize, log1p, self.chunk_size)
-        else:
-            mean, std = np.zeros(0), np.zeros(0)
-        genes = [str(g) for g in np.asarray(adata.var_names)[cols]]
-        self.preprocessor = Preprocessor(
-            genes=genes,
+        coords = coords[rows]
+        self._preprocessor, raw = fit_preprocessor(
+            matrix,
+            adata.var_names,
+            rows,
+            train_idx,
+            coords,
+            gene_mask=gene_mask,
+            totals=totals,
             count_data=count_data,
             normalize=normalize,
             log1p=log1p,
-            gene_mean=mean.tolist(),
-            gene_std=std.tolist(),
-            coord_center=center.tolist(),
-            coord_scale=spread,
-            ref_nn_distance=float(np.median(nn_dist)),
-            n_pcs=self._n_components(self.n_pcs, len(genes), len(train_idx)),
-            neighbour_pcs=self._neighbour_components(len(genes), len(train_idx)),
+            n_genes=self.n_genes_requested,
+            scale=self.scale,
+            n_pcs=self.n_pcs,
+            neighbour_pcs=self.neighbour_pcs,
+            chunk_size=self.chunk_size,
         )
-        self.pca_components = self.neighbour_components = None
-        if self.preprocessor.n_pcs:
-            self.pca_components = principal_components(
-                raw[train_idx],
-                ExpressionTransform.from_preprocessor(self.preprocessor),
-                self.preprocessor.n_pcs,
-                self.chunk_size,
-            )
-        if self.preprocessor.neighbour_pcs:
-            self.neighbour_components = principal_components(
-                raw[train_idx],
-                ExpressionTransform(normalize, log1p),  # log-normalised, not scaled per gene
-                self.preprocessor.neighbour_pcs,
-                self.chunk_size,
-            )
-        std_coords = self.preprocessor.coords_to_model(coords)
-        self.raw = raw
-        self.coords = coords
-        self.cell_names = cell_names[rows]
-        self.train_idx = train_idx
-        self.val_idx = val_idx
+        std_coords = self._preprocessor.coords_to_model(coords)
+        self._raw = raw
+        self._coords = coords
+        self._names = cell_names[rows]
+        self._split = {"train": train_idx, "val": val_idx, "all": np.arange(n)}
         self.train_set = CellDataset(raw[train_idx], std_coords[train_idx], train_idx)
         self.val_set = CellDataset(raw[val_idx], std_coords[val_idx], val_idx)
-        self.all_set = CellDataset(raw, std_coords, np.arange(n))
-        self.train_neighbors = None
-        if self.neighbor_pairs:
-            k = min(self.n_neighbors, len(train_idx) - 1)
+        self.train_neighbours = None
+        if self.neighbour_pairs:
+            k = min(self.n_neighbours, len(train_idx) - 1)
             _, nbrs = cKDTree(std_coords[train_idx]).query(std_coords[train_idx], k=k + 1)
-            self.train_neighbors = nbrs[:, 1:].reshape(len(train_idx), k)
+            self.train_neighbours = nbrs[:, 1:].reshape(len(train_idx), k)
         self._ready = True
 
-    def _neighbour_components(self, n_genes: int, n_train: int) -> int:
-        """How many expression PCs join the latent code (see ``neighbour_pcs``)."""
-        if self.neighbour_pcs <= 0:
-            return 0
-        requested = n_genes if n_genes <= FULL_RANK_PANEL else self.neighbour_pcs
-        return min(requested, n_genes, max(n_train // CELLS_PER_NEIGHBOUR_PC, 1))
+    # ------------------------------------------------------ the ReferenceData contract
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The fitted preprocessing (after :meth:`setup`)."""
+        if self._preprocessor is None:
+            raise RuntimeError("call setup() first")
+        return self._preprocessor
 
-    @staticmethod
-    def _n_components(requested: int, n_genes: int, n_cells: int) -> int:
-        return min(requested, n_genes, max(n_cells - 1, 1)) if requested > 0 else 0
+    def cells(self, split: Split) -> Cells:
+        """The training, validation or all usable reference cells (after :meth:`setup`)."""
+        rows = self._split[split]
+        raw = self._raw if split == "all" else self._raw[rows]
+        return Cells(raw=raw, coords=self._coords[rows], index=rows, names=self._names[rows])
 
-    # ------------------------------------------------------------ properties
     @property
     def n_genes(self) -> int:
         """Number of genes the model sees."""
         return len(self.preprocessor.genes)
-
-    @property
-    def spatial_dim(self) -> int:
-        """2 or 3."""
-        return self.preprocessor.spatial_dim
 
     def _dist(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -412,7 +356,7 @@ class ReferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._dist()
         sampler = PairedBatchSampler(
-            len(self.train_set), self.train_neighbors, self.batch_size, self.seed, rank, world
+            len(self.train_set), self.train_neighbours, self.batch_size, self.seed, rank, world
         )
         return self._loader(self.train_set, sampler)
 
@@ -422,10 +366,6 @@ class ReferenceDataModule(L.LightningDataModule):
         rank, world = self._dist()
         shard = np.array_split(np.arange(len(self.val_set)), world)[rank]
         return self._loader(self.val_set, _FixedBatches(shard, self.batch_size))
-
-    def predict_dataloader(self) -> DataLoader:
-        """All reference cells in file order (train and validation)."""
-        return self._loader(self.all_set, _FixedBatches(np.arange(len(self.all_set)), 4096))
 
 
 class _FixedBatches(Sampler[list[int]]):

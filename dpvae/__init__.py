@@ -1,13 +1,31 @@
 """dpvae: distance-preserving variational autoencoders for spatial single-cell data.
 
-The maths lives here: encoders, decoders, likelihoods, distance regularizers, the
-LightningModule that composes them, preprocessing that a model repeats at prediction time,
-the coordinate solver and the metrics. ``datamodules`` and ``callbacks`` (top-level
-packages) build on it; this package imports neither.
+``dpvae.fit``, ``dpvae.load`` and ``dpvae.Model`` are the Python API (:mod:`dpvae.api`); they are
+imported on first use, so ``import dpvae`` (and every command's ``--help``) stays fast.
+
+Layers, each importing only the ones above it:
+
+1. the maths: ``nn``, ``likelihoods``, ``regularizers``, ``module`` (the LightningModule),
+   ``preprocess`` (the one preprocessing fit), ``solver``, ``metrics``, ``placement`` (the one owner
+   of neighbour search, calibration and the embedding file), ``contracts``, ``io``, ``config``;
+2. the application's wings: ``dpvae.datamodules`` and ``dpvae.callbacks`` (the checkout's
+   ``datamodules/`` and ``callbacks/`` folders), which do not import each other;
+3. the composition root ``pipeline``, then the front ends ``api``, ``cli``, ``predict``,
+   ``plotting``. ``tests/test_layers.py`` checks these rules.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
 
-__all__ = ["__version__"]
+__version__ = "0.2.0"
+
+__all__ = ["Model", "__version__", "fit", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Model", "fit", "load"):
+        from dpvae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dpvae' has no attribute {name!r}")

@@ -1,94 +1,220 @@
-"""Python entry points: build, train and apply a dp-VAE without the command line.
+"""The Python API, in the scverse style::
 
-``build`` turns a composed config into (datamodule, model); ``train.py`` uses it too. ``fit`` trains
-in memory (no files), ``fit_predict`` trains on a reference and places query cells in its frame: the
-one call the benchmark makes.
+    import dpvae
+    model = dpvae.fit(adata, "trainer.max_epochs=30", "model.likelihood=nb")
+    latent = model.embed(query)              # (cells, latent_dim), genes matched by name
+    xy = model.predict(query)                # (cells, 2 or 3) in the reference's frame
+    model.annotate(query)                    # obsm['spatial_dpvae'], obsm['X_dpvae'], uns['dpvae']
+    model.save("runs/mine")                  # a run folder, as train.py writes
+    model = dpvae.load("runs/mine")          # a run folder of either, or its model.ckpt
+
+:func:`fit` takes the command line's own ``key=value`` strings and trains through the same
+composition root (:func:`dpvae.pipeline.train`) in memory: nothing is written until
+:meth:`Model.save`. Post-inference methods return arrays and leave the AnnData alone, except
+:meth:`Model.annotate`, which exists to write into it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
-import torch
-from omegaconf import DictConfig
 
-from dpvae.config import instantiate, load_config, locate, to_plain
-from dpvae.module import DPVAE
+from dpvae.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from dpvae.module import DPVAE
+    from dpvae.placement import Prediction, ReferenceEmbedding
+
+CHECKPOINT_FILE = "model.ckpt"
+CONFIG_FILE = "config.yaml"
 
 
-def build(cfg: DictConfig, reference: ad.AnnData | None = None) -> tuple[Any, DPVAE]:
-    """Instantiate and set up the datamodule of ``cfg.data`` and the model of ``cfg.model``.
+class Model:
+    """A trained dp-VAE with the reference cells it places query cells against.
 
-    The datamodule is told whether the likelihood needs raw counts, and the model gets the gene
-    count and the preprocessing learned on the reference. ``reference`` replaces ``data.reference``
-    with an in-memory AnnData.
+    Attributes:
+        module: the :class:`dpvae.module.DPVAE` (a LightningModule).
+        reference: the run's reference cells (:class:`dpvae.placement.ReferenceEmbedding`), or
+            ``None`` (then :meth:`predict` needs ``reference=``).
+        config: the configuration it was trained with, when known.
     """
-    likelihood_cls = locate(cfg.model.likelihood._target_)
-    extra: dict[str, Any] = {"require_counts": bool(getattr(likelihood_cls, "requires_counts", 0))}
-    if reference is not None:
-        extra["reference"] = reference
-    dm = instantiate(cfg.data, **extra)
-    dm.setup("fit")
-    model = DPVAE(n_genes=dm.n_genes, preprocess=dm.preprocessor.to_dict(), **to_plain(cfg.model))
-    with torch.no_grad():  # PCA loadings fitted on the reference: encoder input, neighbour search
-        for buffer, loadings in (
-            ("pca", getattr(dm, "pca_components", None)),
-            ("neighbour_pca", getattr(dm, "neighbour_components", None)),
-        ):
-            if loadings is not None:
-                getattr(model.transform, buffer).copy_(
-                    torch.as_tensor(loadings, dtype=torch.float32)
-                )
-    return dm, model
+
+    def __init__(
+        self,
+        module: DPVAE,
+        reference: ReferenceEmbedding | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.module = module.cpu().eval()
+        self.reference = reference
+        self.config = config
+
+    def __repr__(self) -> str:
+        ref = (
+            f"{len(self.reference)} reference cells"
+            if self.reference is not None
+            else "no reference"
+        )
+        return (
+            f"dpvae.Model({len(self.genes)} genes, latent_dim={self.latent_dim}, "
+            f"lambda={self.module.scale_value():.3g}, {ref})"
+        )
+
+    @property
+    def genes(self) -> list[str]:
+        """The genes the model reads, in order (a query's are matched to them by name)."""
+        return self.module.genes
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of the latent code."""
+        return int(self.module.hparams["latent_dim"])
+
+    def embed(self, adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
+        """Latent codes (posterior means) of ``adata``'s cells, genes matched by name."""
+        from dpvae.placement import encode
+
+        return encode(self.module, adata, layer)[0]
+
+    def _predict(self, adata: ad.AnnData, reference: Any = None, **kwargs: Any) -> Prediction:
+        from dpvae.placement import predict
+
+        ref = self.reference if reference is None else reference
+        return predict(self.module, adata, reference=ref, **kwargs)
+
+    def predict(
+        self,
+        adata: ad.AnnData,
+        mode: str = "impute",
+        reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Coordinates of ``adata``'s cells.
+
+        ``mode="impute"`` places them in the reference's frame (the model's own reference cells,
+        or ``reference=`` an ``.h5ad``/AnnData with coordinates); ``mode="reconstruct"`` gives
+        their own layout up to rigid motion. Other keywords are those of
+        :func:`dpvae.placement.predict` (``k``, ``layer``, ``align_query``, ``n_iter``,
+        ``expression_weight``, ``spatial_key``).
+        """
+        return self._predict(adata, reference, mode=mode, **kwargs).coords
+
+    def annotate(
+        self,
+        adata: ad.AnnData,
+        mode: str = "impute",
+        reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
+        **kwargs: Any,
+    ) -> ad.AnnData:
+        """:meth:`predict` and write the result into ``adata`` (returned): ``obsm['spatial_dpvae']``,
+        ``obsm['X_dpvae']`` and ``uns['dpvae']`` (mode, genes, lambda, scores when ``adata`` has
+        true coordinates)."""
+        if adata.isbacked:
+            adata = adata.to_memory()
+        self._predict(adata, reference, mode=mode, **kwargs).write_to(adata)
+        return adata
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a run folder: ``model.ckpt``, ``embedding.h5ad`` and ``config.yaml`` (if known).
+
+        :func:`load` and ``dpvae-predict checkpoint=PATH/model.ckpt`` read it back.
+        """
+        import lightning
+        import torch
+
+        from dpvae.placement import EMBEDDING_FILE
+
+        folder = Path(path).expanduser()
+        if (folder / CHECKPOINT_FILE).exists() and not overwrite:
+            raise DataError(f"{folder} already holds {CHECKPOINT_FILE}; pass overwrite=True")
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "state_dict": self.module.state_dict(),
+            "hyper_parameters": dict(self.module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        }
+        tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, folder / CHECKPOINT_FILE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.reference is not None:
+            self.reference.write(folder / EMBEDDING_FILE)
+        if self.config is not None:
+            from omegaconf import OmegaConf
+
+            OmegaConf.save(OmegaConf.create(self.config), folder / CONFIG_FILE)
+        self.module.checkpoint_path = str((folder / CHECKPOINT_FILE).resolve())
+        return folder
 
 
-def callbacks_from_config(cfg: DictConfig) -> list[Any]:
-    """Instantiate the ``callbacks`` section (entries set to null are skipped)."""
-    out = []
-    for spec in (cfg.get("callbacks") or {}).values():
-        if spec is not None and spec.get("_target_"):
-            out.append(instantiate(spec))
-    return out
+def _as_reference(reference: ad.AnnData | str | Path) -> Any:
+    """An AnnData stays in memory; a path is read by the datamodule (backed when large)."""
+    return reference if not isinstance(reference, str | Path) else None
 
 
 def fit(
-    reference: ad.AnnData, overrides: Sequence[str] = (), callbacks: Sequence[Any] = ()
-) -> tuple[DPVAE, Any]:
-    """Train on an in-memory reference with the project's configuration plus ``overrides``.
+    reference: ad.AnnData | str | Path,
+    *overrides: str,
+    spatial_key: str = "spatial",
+    layer: str | None = None,
+) -> Model:
+    """Train on ``reference`` (an AnnData or an ``.h5ad`` path) and return the :class:`Model`.
 
-    Nothing is written: no logger, no checkpoint files. Returns (model in eval mode, datamodule).
+    ``overrides`` are the command line's ``key=value`` strings (``"trainer.max_epochs=30"``,
+    ``"model.likelihood=nb"``); ``spatial_key`` and ``layer`` say where the coordinates and the
+    expression are. Nothing is written: no logger, no checkpoint (save with :meth:`Model.save`).
     """
-    import lightning as L
+    from dpvae import pipeline
+    from dpvae.config import load_config, to_plain
+    from dpvae.placement import embed_reference
 
-    cfg = load_config(list(overrides))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    dm, model = build(cfg, reference)
-    trainer_kwargs = to_plain(cfg.trainer)
-    trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False)
-    trainer = L.Trainer(
-        **trainer_kwargs,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[*callbacks_from_config(cfg), *callbacks],
+    head = ["logger=none", f"data.spatial_key={spatial_key}"]
+    if layer is not None:
+        head.append(f"data.layer={layer}")
+    head.append(
+        f"data.reference={reference}"
+        if isinstance(reference, str | Path)
+        else "data.reference=<AnnData in memory>"
     )
-    trainer.fit(model, datamodule=dm)
-    return model.cpu().eval(), dm
+    cfg = load_config([*head, *overrides])
+    done = pipeline.train(cfg, reference=_as_reference(reference))
+    module = done.model.cpu().eval()
+    return Model(module, embed_reference(module, done.data), to_plain(cfg))
 
 
-def reference_latent(model: DPVAE, dm: Any, batch_size: int = 4096) -> tuple[np.ndarray, Any]:
-    """Latent codes (training cells calibrated, see :func:`dpvae.solver.calibrate_in_sample`) and
-    expression PCs of every reference cell of a fitted datamodule, in its cell order."""
-    from dpvae.solver import calibrate_in_sample
+def load(path: str | Path) -> Model:
+    """Load a run folder (``train.py``'s, ``dpvae-train``'s or :meth:`Model.save`'s) or its
+    ``model.ckpt``, with the run's reference cells (``embedding.h5ad`` beside it) when present."""
+    from dpvae.module import DPVAE
+    from dpvae.placement import EMBEDDING_FILE, ReferenceEmbedding
 
-    latent, pcs = model.embed(dm.raw, batch_size=batch_size, with_pcs=True)
-    in_sample = np.zeros(len(latent), dtype=bool)
-    in_sample[dm.train_idx] = True
-    return calibrate_in_sample(latent, in_sample)[0], pcs
+    p = Path(path).expanduser()
+    ckpt = p / CHECKPOINT_FILE if p.is_dir() else p
+    if not ckpt.is_file():
+        raise DataError(f"{ckpt}: no such checkpoint; give a run folder or its {CHECKPOINT_FILE}")
+    try:
+        module = DPVAE.load_from_checkpoint(ckpt, map_location="cpu")
+    except Exception as exc:  # torch and Lightning raise many kinds for a foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{ckpt}: not a dpvae checkpoint ({first[:200]})") from exc
+    embedding = ckpt.parent / EMBEDDING_FILE
+    reference = None
+    if embedding.exists():
+        reference = ReferenceEmbedding.read(embedding, int(module.hparams["latent_dim"]))
+    config = None
+    if (ckpt.parent / CONFIG_FILE).exists():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(ckpt.parent / CONFIG_FILE))
+    return Model(module, reference, config if isinstance(config, dict) else None)
 
 
 def fit_predict(
@@ -100,19 +226,10 @@ def fit_predict(
 ) -> np.ndarray:
     """Train on ``reference`` and return the query cells' coordinates in the reference's frame.
 
-    The held-out reference cells (``data.val_fraction``) calibrate the training cells' codes
-    (:func:`reference_latent`). Both tasks place query cells against the reference; for
-    ``transfer`` (the query is another section) the query's latent codes and expression PCs are
-    first centred on the reference's (``align_query``), and only rotation-invariant scores are
-    meaningful, which this satisfies.
+    The path behind every number of BENCHMARKS.md. For ``transfer`` (the query is another section)
+    the query's codes are first centred on the reference's (``align_query``).
     """
-    from dpvae.predict import impute_coordinates
-
     if task not in ("impute", "transfer"):
         raise ValueError(f"task must be 'impute' or 'transfer', got {task!r}")
-    model, dm = fit(reference, [f"seed={seed}", "logger=none", *overrides])
-    ref_latent, ref_pcs = reference_latent(model, dm)
-    coords, _ = impute_coordinates(
-        model, query, ref_latent, dm.coords, ref_pcs=ref_pcs, align_query=task == "transfer"
-    )
-    return coords
+    model = fit(reference, f"seed={seed}", *overrides)
+    return model.predict(query, align_query=task == "transfer")

@@ -40,7 +40,7 @@ ROOT_FILE = "train.yaml"
 def default_conf_dir() -> Path:
     """The project's ``conf/`` folder (a checkout's top level, or the copy inside an installed wheel)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
+    for candidate in (here / "conf", here.parent / "conf"):  # a wheel's dpvae/conf, a checkout's
         if (candidate / ROOT_FILE).exists():
             return candidate
     raise ConfigError(f"cannot find dpvae's conf/ folder next to {here}; reinstall dpvae")
@@ -161,9 +161,68 @@ def _parse_override(text: str) -> tuple[str, Any, bool]:
     return key, value, add
 
 
-def _set_value(cfg: dict[str, Any], key: str, value: Any, add: bool) -> None:
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(default: Any) -> str:
+    if isinstance(default, list):
+        return "a list, e.g. [1,2] or 1,2"
+    if isinstance(default, dict):
+        return "a section"
+    return _TYPE_NAMES.get(type(default), type(default).__name__)
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """``value`` checked against the type of the default it replaces (strict, one-line errors).
+
+    An integer default takes integers, a float default numbers, a boolean default ``true`` or
+    ``false``; a string default takes any scalar as text (its component checks the choices); a list
+    default takes a list or a comma-separated value (``seeds=0,1,2``), element by element; a null
+    default takes anything.
+    """
+    if default is None or value is None and not isinstance(default, dict | list):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str | int | float | bool):
+            return value if isinstance(value, str | bool) else str(value)
+    elif isinstance(default, list):
+        if isinstance(value, str) and "," in value:
+            value = [_parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
+        elif not isinstance(value, list):
+            value = [value]
+        if default:
+            return [_coerce(f"{key}[{i}]", default[0], v) for i, v in enumerate(value)]
+        return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(default)}, got {value!r}")
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return _parse_yaml(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_value(
+    cfg: dict[str, Any], key: str, value: Any, add: bool, defaults: Mapping[str, Any] | None = None
+) -> None:
     parts = key.split(".")
     node: Any = cfg
+    ref: Any = defaults
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if not isinstance(node, dict):
@@ -179,25 +238,41 @@ def _set_value(cfg: dict[str, Any], key: str, value: Any, add: bool) -> None:
                 f"unknown key '{key}': {where} has no '{part}'; valid keys there: {valid} "
                 f"(use +{key}=... to add a new one)"
             )
+        ref = ref.get(part) if isinstance(ref, Mapping) else None
         if last:
-            node[part] = value
+            node[part] = value if defaults is None else _coerce(key, ref, value)
             return
         node = node[part]
 
 
-def load_config(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> DictConfig:
-    """Compose ``train.yaml`` with option groups and ``key=value`` overrides; resolve it.
+def _resolved(composed: dict[str, Any]) -> Any:
+    try:
+        cfg = OmegaConf.create(composed)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad config value: {exc}".replace("\n", " ")) from exc
+    return cfg
+
+
+def load_config(
+    overrides: Sequence[str] = (), conf_dir: Path | None = None, root_file: str = ROOT_FILE
+) -> DictConfig:
+    """Compose ``root_file`` with option groups and ``key=value`` overrides; resolve it.
+
+    Every override is checked against the type of the (resolved) default it replaces (see
+    :func:`_coerce`). Keys whose default is ``???`` must be given.
 
     Raises:
-        ConfigError: a malformed override, an unknown key or option, or a bad interpolation.
+        ConfigError: a malformed override, an unknown key or option, a value of the wrong type, a
+            missing required key or a bad interpolation.
     """
     roots = config_roots(conf_dir)
     base = None
     for root in reversed(roots):  # the project's root file unless a user root has its own
-        if (root / ROOT_FILE).is_file():
-            base = _load_yaml(root / ROOT_FILE)
+        if (root / root_file).is_file():
+            base = _load_yaml(root / root_file)
     if not isinstance(base, dict):
-        raise ConfigError(f"no {ROOT_FILE} found in {', '.join(map(str, roots))}")
+        raise ConfigError(f"no {root_file} found in {', '.join(map(str, roots))}")
     selections: dict[str, Any] = {}
     values: list[tuple[str, Any, bool]] = []
     for text in overrides:
@@ -209,14 +284,82 @@ def load_config(overrides: Sequence[str] = (), conf_dir: Path | None = None) -> 
     for key in selections:
         _set_value(base, key, selections[key], add=True)
     composed = _compose(base, [], roots, selections)
+    defaults = OmegaConf.to_container(_resolved(composed), resolve=False)
+    assert isinstance(defaults, dict)
     for key, value, add in values:
-        _set_value(composed, key, value, add)
-    try:
-        cfg = OmegaConf.create(composed)
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad config value: {exc}".replace("\n", " ")) from exc
+        _set_value(composed, key, value, add, defaults)
+    cfg = _resolved(composed)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            "missing " + " ".join(f"{k}=..." for k in missing) + "; --help lists every key"
+        )
     return cfg
+
+
+def flat_defaults(
+    conf_dir: Path | None = None, root_file: str = ROOT_FILE
+) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, comment) of every value of the composed default configuration.
+
+    The comment is the YAML comment on that key's line (option files' comments included), so
+    ``--help`` shows what the files say without importing anything heavy.
+    """
+    roots = config_roots(conf_dir)
+    root = next((r for r in roots if (r / root_file).is_file()), None)
+    if root is None:
+        raise ConfigError(f"no {root_file} found in {', '.join(map(str, roots))}")
+    comments = _comments(root / root_file, [])
+    composed = _compose(_load_yaml(root / root_file), [], roots, {})
+
+    def walk(node: Any, path: list[str]) -> list[tuple[str, Any, str]]:
+        out: list[tuple[str, Any, str]] = []
+        for key, value in node.items():
+            sub = [*path, str(key)]
+            dotted = ".".join(sub)
+            if isinstance(value, dict):
+                if _is_group(sub, roots):
+                    chosen = _group_choice(root / root_file, sub)
+                    for r in roots:
+                        f = r.joinpath(*sub, f"{chosen}.yaml")
+                        if f.is_file():
+                            comments.update(_comments(f, sub))
+                            break
+                    options = ", ".join(group_options(sub, roots))
+                    out.append((dotted, chosen, f"option group: {options}"))
+                out.extend(walk(value, sub))
+            elif not str(key).startswith("_"):
+                out.append((dotted, value, comments.get(dotted, "")))
+        return out
+
+    return walk(composed, [])
+
+
+def _group_choice(root_file: Path, path: list[str]) -> str:
+    node: Any = _load_yaml(root_file)
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return str(node)
+
+
+_LINE = re.compile(r"^(\s*)([A-Za-z_][\w]*):(.*?)(?:\s#\s?(.*))?$")
+
+
+def _comments(path: Path, prefix: list[str]) -> dict[str, str]:
+    """Dotted key -> the comment on its line, for a simple block-style YAML file."""
+    out: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in path.read_text().splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        indent, key, comment = len(m.group(1)), m.group(2), m.group(4)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        if comment:
+            out[".".join([*prefix, *(k for _, k in stack)])] = comment.strip()
+    return out
 
 
 def to_plain(cfg: Any) -> Any:
@@ -249,15 +392,49 @@ def locate(target: str) -> Any:
 def instantiate(spec: Mapping[str, Any] | Any, **kwargs: Any) -> Any:
     """Build ``spec['_target_'](**spec_without_private_keys, **kwargs)``.
 
-    Keys starting with ``_`` are not passed on. A wrong keyword becomes a one-line ConfigError.
+    Keys starting with ``_`` are not passed on. Keywords the target does not take become a
+    one-line ConfigError naming the ones it does; an error raised inside the target's own
+    constructor is not disguised as a config error.
     """
+    import inspect
+
     spec = to_plain(spec)
     if not isinstance(spec, Mapping) or "_target_" not in spec:
         raise ConfigError(f"expected a mapping with a _target_ key, got {spec!r}")
     cls = locate(str(spec["_target_"]))
     params = {k: v for k, v in spec.items() if not str(k).startswith("_")}
     params.update(kwargs)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"cannot build {spec['_target_']}: {exc}") from exc
+    accepted = _accepted_keywords(cls)
+    unknown = sorted(set(params) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(
+            f"cannot build {spec['_target_']}: no argument {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(sorted(accepted or ()))}"
+        )
+    return cls(**params)
+
+
+def _accepted_keywords(cls: Any) -> set[str] | None:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the class's bases
+    (``None`` when that cannot be told, e.g. a builtin or a function taking ``**kwargs``)."""
+    import inspect
+
+    chain = (
+        [k.__init__ for k in cls.__mro__ if "__init__" in vars(k)]
+        if isinstance(cls, type)
+        else [cls]
+    )
+    names: set[str] = set()
+    for func in chain:
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(
+            p.name
+            for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names
+    return None

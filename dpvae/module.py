@@ -21,7 +21,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -50,8 +49,10 @@ class DPVAE(L.LightningModule):
     """Distance-preserving VAE.
 
     Args:
-        n_genes: number of input genes (``len(preprocess['genes'])``).
-        preprocess: :meth:`Preprocessor.to_dict` of the reference's preprocessing.
+        n_genes: number of input genes (``len(preprocess.genes)``).
+        preprocess: the fitted :class:`~dpvae.preprocess.Preprocessor` (its loadings are copied
+            into the model's state), or its :meth:`~dpvae.preprocess.Preprocessor.to_dict` when a
+            checkpoint's state supplies them.
         encoder, decoder, likelihood, regularizer: component specs, mappings with ``_target_`` and
             keyword arguments (the ``conf/model/*`` YAML files).
         latent_dim: latent dimension.
@@ -68,7 +69,7 @@ class DPVAE(L.LightningModule):
     def __init__(
         self,
         n_genes: int,
-        preprocess: Mapping[str, Any],
+        preprocess: Preprocessor | Mapping[str, Any],
         encoder: Mapping[str, Any] | None = None,
         decoder: Mapping[str, Any] | None = None,
         likelihood: Mapping[str, Any] | None = None,
@@ -88,11 +89,15 @@ class DPVAE(L.LightningModule):
             "likelihood": to_plain(likelihood) or DEFAULT_LIKELIHOOD,
             "regularizer": to_plain(regularizer) or DEFAULT_REGULARIZER,
         }
-        preprocess = dict(to_plain(preprocess))
+        pre = (
+            preprocess
+            if isinstance(preprocess, Preprocessor)
+            else Preprocessor.from_dict(dict(to_plain(preprocess)))
+        )
         self.save_hyperparameters(
             {
                 "n_genes": int(n_genes),
-                "preprocess": preprocess,
+                "preprocess": pre.to_dict(),
                 **specs,
                 "latent_dim": int(latent_dim),
                 "beta": float(beta),
@@ -105,8 +110,8 @@ class DPVAE(L.LightningModule):
         )
         if distance_on not in ("mean", "sample"):
             raise ValueError(f"distance_on must be 'mean' or 'sample', got {distance_on!r}")
-        self.preprocessor = Preprocessor.from_dict(preprocess)
-        self.transform = ExpressionTransform.from_preprocessor(self.preprocessor)
+        self.preprocessor = Preprocessor.from_dict(pre.to_dict())
+        self.transform = ExpressionTransform.from_preprocessor(pre)
         self.likelihood: Likelihood = instantiate(specs["likelihood"], n_genes=n_genes)
         n_input = self.transform.n_pcs or n_genes
         self.encoder: Encoder = instantiate(specs["encoder"], n_input=n_input, n_latent=latent_dim)
@@ -224,27 +229,64 @@ class DPVAE(L.LightningModule):
         lam = self.regularizer.scale()
         return 1.0 if lam is None else float(lam.detach())
 
-    @torch.no_grad()
-    def embed(
-        self, raw: sp.spmatrix | np.ndarray, batch_size: int = 4096, with_pcs: bool = False
-    ) -> Any:
-        """Latent embedding (posterior mean) of raw expression rows in the model's gene order.
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, **kwargs: Any
+    ) -> DPVAE:
+        """Lightning's loader, remembering the file so that the run's reference is found beside it
+        (:func:`dpvae.placement.resolve_reference`); checkpoints hold plain data only, so they are
+        loaded with ``weights_only=True`` unless told otherwise."""
+        from pathlib import Path
 
-        With ``with_pcs``, returns ``(latent, pcs)`` where ``pcs`` are the expression principal
-        components prediction uses beside the latent code (``None`` when the model has none).
+        kwargs.setdefault("weights_only", True)
+        model = super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        if isinstance(checkpoint_path, str | Path):
+            model.checkpoint_path = str(Path(checkpoint_path).expanduser().resolve())
+        return model  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def embed(self, raw: Any, batch_size: int = 4096, with_pcs: bool = False) -> Any:
+        """Latent embedding (posterior mean) of raw expression.
+
+        ``raw``: an AnnData (genes matched to :attr:`genes` by name, see
+        :func:`dpvae.placement.encode`), or a matrix (sparse or dense) whose columns are already
+        :attr:`genes` in order. With ``with_pcs``, returns ``(latent, pcs)`` where ``pcs`` are the
+        expression principal components prediction uses beside the latent code (``None`` when the
+        model has none).
         """
+        if hasattr(raw, "var_names") and hasattr(raw, "obs_names"):
+            from dpvae.placement import encode
+
+            latent, pcs, _ = encode(self, raw, batch_size=batch_size)
+            return (latent, pcs) if with_pcs else latent
+        if raw.ndim != 2 or raw.shape[1] != len(self.genes):
+            from dpvae.errors import DataError
+
+            raise DataError(
+                f"expected a cells x {len(self.genes)} matrix in the model's gene order, got shape "
+                f"{tuple(raw.shape)}; pass an AnnData to match genes by name"
+            )
+        if not self.transform.loadings_fitted():
+            from dpvae.errors import DataError
+
+            raise DataError(
+                "this model's PCA loadings were never fitted; build it from a fitted "
+                "Preprocessor (dpvae.pipeline.build_model) or load it from a checkpoint"
+            )
         was_training = self.training
         self.eval()
-        latent, pcs = [], []
-        for start in range(0, raw.shape[0], batch_size):
+        n = raw.shape[0]
+        width = self.hparams["latent_dim"]
+        z = np.empty((n, width), dtype=np.float32)
+        n_pcs = self.transform.neighbour_pcs if with_pcs else 0
+        pcs = np.empty((n, n_pcs), dtype=np.float32) if n_pcs else None
+        for start in range(0, n, batch_size):
             block = raw[start : start + batch_size]
             tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
-            latent.append(self._encode(tensor)[1].cpu().numpy())
-            if with_pcs and self.transform.neighbour_pcs:
-                pcs.append(self.transform.expression_pcs(tensor).cpu().numpy())
+            z[start : start + len(tensor)] = self._encode(tensor)[1].cpu().numpy()
+            if pcs is not None:
+                pcs[start : start + len(tensor)] = (
+                    self.transform.expression_pcs(tensor).cpu().numpy()
+                )
         self.train(was_training)
-        width = self.hparams["latent_dim"]
-        z = np.concatenate(latent) if latent else np.zeros((0, width), dtype=np.float32)
-        if not with_pcs:
-            return z
-        return z, (np.concatenate(pcs) if pcs else None)
+        return (z, pcs) if with_pcs else z

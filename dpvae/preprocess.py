@@ -10,7 +10,7 @@ model, on whatever device the model lives on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from dpvae.errors import DataError
 from dpvae.io import iter_row_chunks
 
 TARGET_SUM = 1e4
+_ARRAYS = ("pca_components", "neighbour_components")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class Preprocessor:
     ref_nn_distance: float = 1.0
     n_pcs: int = 0
     neighbour_pcs: int = 0
+    #: (G, n_pcs) loadings of the encoder's input PCA, and (G, neighbour_pcs) of the neighbour
+    #: search's expression PCs, as fitted; the model copies them into its state (they are not part
+    #: of :meth:`to_dict`, so checkpoint hyperparameters stay small).
+    pca_components: np.ndarray | None = field(default=None, repr=False, compare=False)
+    neighbour_components: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def spatial_dim(self) -> int:
@@ -65,13 +71,13 @@ class Preprocessor:
         return len(self.coord_center)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form, safe to store in a checkpoint's hyperparameters."""
-        return asdict(self)
+        """Plain-data form, safe to store in a checkpoint's hyperparameters (no loadings)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ARRAYS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessor:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        """Inverse of :meth:`to_dict` (loadings then come from the model's state)."""
+        return cls(**{k: v for k, v in data.items() if k not in _ARRAYS})
 
     def coords_to_model(self, coords: np.ndarray) -> np.ndarray:
         """Original coordinates -> the model's standardised frame."""
@@ -226,6 +232,110 @@ def gene_moments(
     return mean, np.where(std > 1e-8, std, 1.0)
 
 
+# fewest training cells per expression principal component of the neighbour search
+CELLS_PER_NEIGHBOUR_PC = 40
+# targeted panels of at most this many genes keep every component in the neighbour search
+FULL_RANK_PANEL = 50
+
+
+def neighbour_components(requested: int, n_genes: int, n_train: int) -> int:
+    """How many expression PCs join the latent code in the neighbour search.
+
+    On a transcriptome-wide panel the leading components carry the tissue's expression programmes
+    and the trailing ones mostly noise, and a small array cannot estimate many (on the dev data
+    10-15 components placed cells better than 30-50, see BENCHMARKS.md): ``requested`` of them, at
+    most one per ``CELLS_PER_NEIGHBOUR_PC`` training cells. A targeted panel of at most
+    ``FULL_RANK_PANEL`` genes (smFISH, MERFISH-like) has little such noise and keeps every one.
+    """
+    if requested <= 0:
+        return 0
+    wanted = n_genes if n_genes <= FULL_RANK_PANEL else requested
+    return min(wanted, n_genes, max(n_train // CELLS_PER_NEIGHBOUR_PC, 1))
+
+
+def fit_preprocessor(
+    matrix: Any,
+    var_names: Sequence[str],
+    rows: np.ndarray,
+    train: np.ndarray,
+    coords: np.ndarray,
+    *,
+    gene_mask: np.ndarray,
+    totals: np.ndarray,
+    count_data: bool,
+    normalize: bool,
+    log1p: bool,
+    n_genes: int = 2000,
+    scale: bool = True,
+    n_pcs: int = 0,
+    neighbour_pcs: int = 15,
+    chunk_size: int = 2000,
+) -> tuple[Preprocessor, sp.csr_matrix]:
+    """The one preprocessing fit: gene selection, normalisation, coordinate frame, PCA loadings.
+
+    Reads ``matrix`` (in memory or backed) in row chunks: the ``n_genes`` most variable kept genes
+    over ``rows`` (:func:`select_genes`), then, on the training cells ``rows[train]`` only, the
+    per-gene moments of the transformed expression, the coordinate centre and single scale, the
+    median nearest-neighbour distance and the principal-component loadings of the encoder input
+    (``n_pcs``) and of the neighbour search (:func:`neighbour_components`).
+
+    Args:
+        matrix: cells x genes (dense, sparse or backed), all cells and genes of the file.
+        var_names: its gene names.
+        rows: the usable cells (row ids of ``matrix``, increasing).
+        train: positions in ``rows`` of the training cells (increasing).
+        coords: (len(rows), D) coordinates of the usable cells.
+        gene_mask: the genes the hygiene kept; totals: each usable cell's total over them.
+        count_data, normalize, log1p: what the data are and how they are transformed.
+
+    Returns:
+        (the fitted :class:`Preprocessor`, carrying its loadings; the raw expression of the
+        selected genes for ``rows`` as a float32 CSR matrix).
+    """
+    from scipy.spatial import cKDTree
+
+    cols = select_genes(matrix, rows, gene_mask, totals, n_genes, normalize, log1p, chunk_size)
+    raw = extract_rows(matrix, rows, cols, chunk_size)
+    train_raw = raw[train]
+    train_coords = coords[train]
+    center = train_coords.mean(axis=0)
+    spread = float(np.sqrt(np.mean((train_coords - center) ** 2)))
+    if not spread > 0:
+        raise DataError("all reference cells sit at the same position; coordinates are needed")
+    nn_dist = cKDTree(train_coords).query(train_coords, k=2)[0][:, 1]
+    if scale:
+        mean, std = gene_moments(train_raw, normalize, log1p, chunk_size)
+    else:
+        mean, std = np.zeros(0), np.zeros(0)
+    genes = [str(g) for g in np.asarray(var_names)[cols]]
+    n_train = len(train)
+    pre = Preprocessor(
+        genes=genes,
+        count_data=count_data,
+        normalize=normalize,
+        log1p=log1p,
+        gene_mean=mean.tolist(),
+        gene_std=std.tolist(),
+        coord_center=center.tolist(),
+        coord_scale=spread,
+        ref_nn_distance=float(np.median(nn_dist)),
+        n_pcs=min(n_pcs, len(genes), max(n_train - 1, 1)) if n_pcs > 0 else 0,
+        neighbour_pcs=neighbour_components(neighbour_pcs, len(genes), n_train),
+    )
+    if pre.n_pcs:
+        pre.pca_components = principal_components(
+            train_raw, ExpressionTransform.from_preprocessor(pre), pre.n_pcs, chunk_size
+        )
+    if pre.neighbour_pcs:
+        pre.neighbour_components = principal_components(
+            train_raw,
+            ExpressionTransform(normalize, log1p),  # log-normalised, not scaled per gene
+            pre.neighbour_pcs,
+            chunk_size,
+        )
+    return pre, raw
+
+
 class ExpressionTransform(nn.Module):
     """Raw expression (B, G) -> (model input (B, G), library size (B, 1)).
 
@@ -272,8 +382,8 @@ class ExpressionTransform(nn.Module):
 
     @classmethod
     def from_preprocessor(cls, pre: Preprocessor) -> ExpressionTransform:
-        """Build the transform a :class:`Preprocessor` describes."""
-        return cls(
+        """Build the transform a :class:`Preprocessor` describes, with its fitted loadings."""
+        out = cls(
             pre.normalize,
             pre.log1p,
             pre.target_sum,
@@ -283,11 +393,19 @@ class ExpressionTransform(nn.Module):
             n_genes=len(pre.genes),
             neighbour_pcs=pre.neighbour_pcs,
         )
+        with torch.no_grad():
+            if pre.pca_components is not None:
+                out.pca.copy_(torch.as_tensor(pre.pca_components, dtype=torch.float32))
+            if pre.neighbour_components is not None:
+                out.neighbour_pca.copy_(
+                    torch.as_tensor(pre.neighbour_components, dtype=torch.float32)
+                )
+        return out
 
-    @property
-    def n_output(self) -> int:
-        """Width of :meth:`encoder_input` (genes, or principal components)."""
-        return self.n_pcs if self.n_pcs else self.n_genes
+    def loadings_fitted(self) -> bool:
+        """Whether every PCA this transform uses holds fitted loadings (not the zero placeholder)."""
+        ok = not self.n_pcs or bool(self.pca.any())
+        return ok and (not self.neighbour_pcs or bool(self.neighbour_pca.any()))
 
     def encoder_input(self, x: Tensor) -> Tensor:
         """What the encoder sees: ``x`` itself, or its principal components."""

@@ -17,8 +17,6 @@ Dense problems are solved in float64 when ``n <= 5000`` and in the input's float
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -560,68 +558,3 @@ def reconstruct(
         latent[rest], z_lm, x_lm.to(torch.float64), float(scale), kk, PLACEMENT_ITERS, chunk_size
     ).to(out_dtype)
     return out
-
-
-def rms_spread(x: Any) -> float:
-    """Root-mean-square distance of the rows of ``x`` (numpy array or tensor) to their mean."""
-    return float((((x - x.mean(0)) ** 2).sum(1).mean()) ** 0.5)
-
-
-def calibrate_in_sample(latent: Any, in_sample: Any) -> tuple[Any, float]:
-    """Shrink the training cells' latent codes to the spread of cells the encoder never saw.
-
-    The encoder fits its training cells' distance constraints more tightly than it generalises:
-    their codes spread wider than those of held-out cells and of query cells (DLPFC: rms 2.05 vs
-    1.64), so a query cell's nearest references are biased towards the held-out ones. The rows
-    flagged ``in_sample`` are scaled about their mean by rms spread(held-out) / rms spread
-    (in-sample), never enlarged. Rows need no particular order; numpy arrays and torch tensors
-    both work. With fewer than two held-out or in-sample rows nothing is scaled.
-
-    Returns:
-        (a calibrated copy of ``latent``, the scale applied).
-    """
-    mask = in_sample.astype(bool) if hasattr(in_sample, "astype") else in_sample.bool()
-    out = latent.clone() if hasattr(latent, "clone") else latent.copy()
-    n_in = int(mask.sum())
-    if n_in < 2 or len(latent) - n_in < 2:
-        return out, 1.0
-    inside, outside = latent[mask], latent[~mask]
-    scale = rms_spread(outside) / max(rms_spread(inside), 1e-12)
-    if scale >= 1.0:
-        return out, 1.0
-    center = inside.mean(0)
-    out[mask] = center + (inside - center) * scale
-    return out, scale
-
-
-# Reference neighbours that place a query cell in prediction (chosen over all dev datasets with
-# the calibrated joint search; BENCHMARKS.md).
-NEIGHBOURS = 8
-
-# Weight of the expression part of the joint neighbour search (see :func:`joint_space`), each
-# part at unit spread. One value for every dataset, chosen over all dev datasets (BENCHMARKS.md):
-# lower favours the latent code (BDTNP), higher the expression (the breast-array transfer).
-EXPRESSION_WEIGHT = 1.25
-
-
-def joint_space(
-    ref_latent: Tensor,
-    query_latent: Tensor,
-    ref_extra: Tensor | None = None,
-    query_extra: Tensor | None = None,
-    weight: float = EXPRESSION_WEIGHT,
-) -> tuple[Tensor, Tensor]:
-    """Reference and query codes for a neighbour search over latent and extra features together.
-
-    Each part is divided by its root-mean-square spread over the reference cells, so both count
-    equally before ``weight`` multiplies the extra part (expression principal components in
-    prediction). Without extra features, or with ``weight`` 0, the latent codes are returned as
-    they are.
-    """
-    if ref_extra is None or query_extra is None or weight <= 0:
-        return ref_latent, query_latent
-
-    sz, se = max(rms_spread(ref_latent), 1e-12), max(rms_spread(ref_extra), 1e-12)
-    ref = torch.cat([ref_latent / sz, weight * ref_extra / se], dim=1)
-    query = torch.cat([query_latent / sz, weight * query_extra / se], dim=1)
-    return ref, query

@@ -23,6 +23,39 @@ def shared_file(name: str) -> Path:
     return path
 
 
+def run_train(args: list[str]) -> Path:
+    """Run the training command in this process (as ``python train.py ARGS``); return run_dir."""
+    from dpvae.cli import train_main
+
+    code = train_main([*args, "trainer.enable_progress_bar=false"])
+    assert code == 0, f"training failed with exit status {code}"
+    run_dir = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    return Path(run_dir[-1]).resolve()
+
+
+@pytest.fixture(scope="session")
+def osmfish_run(osmfish: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A short run on 80% of the embedded osmFISH (the protocol's split, seed 0); the other 20%
+    is a query with its true coordinates."""
+    perm = np.random.default_rng(0).permutation(osmfish.n_obs)
+    n_ref = round(0.8 * osmfish.n_obs)
+    tmp = tmp_path_factory.mktemp("osmfish_run")
+    ref, query = tmp / "ref.h5ad", tmp / "query.h5ad"
+    osmfish[np.sort(perm[:n_ref])].copy().write_h5ad(ref)
+    osmfish[np.sort(perm[n_ref:])].copy().write_h5ad(query)
+    run_dir = run_train(
+        [
+            f"data.reference={ref}",
+            f"run_dir={tmp / 'run'}",
+            "logger=none",
+            "trainer.max_epochs=12",
+            "model.warmup_epochs=3",
+            "callbacks.spatial.every_n_epochs=100",
+        ]
+    )
+    return {"ref": ref, "query": query, "run": run_dir, "tmp": tmp}
+
+
 @pytest.fixture(scope="session")
 def osmfish() -> ad.AnnData:
     """The embedded osmFISH dataset (real data, always available)."""

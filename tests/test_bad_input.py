@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import train
+from dpvae.cli import train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,10 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             "needs raw counts but the data has negative values",
         ),
         "unknown_key": (["trainer.max_epoch=3"], "unknown key 'trainer.max_epoch'"),
+        "not_an_integer": (["trainer.max_epochs=abc"], "trainer.max_epochs must be an integer"),
+        "not_a_number": (["model.lr=fast"], "model.lr must be a number"),
+        "not_a_bool": (["data.scale=maybe"], "data.scale must be true or false"),
+        "unknown_kwarg": (["+model.encoder.depth=3"], "cannot build dpvae.nn.MLPEncoder.*takes"),
         "unknown_option": (
             ["model.likelihood=poisson"],
             "unknown option 'poisson'.*gaussian, nb, zinb",
@@ -72,6 +76,10 @@ CASES = [
     "negative_counts",
     "unknown_key",
     "unknown_option",
+    "not_an_integer",
+    "not_a_number",
+    "not_a_bool",
+    "unknown_kwarg",
 ]
 
 
@@ -81,14 +89,14 @@ def test_bad_input_one_line_exit_2(
 ) -> None:
     args, message = _bad_files(tmp_path)[case]
     run_dir = tmp_path / "run"
-    code = train.main([*args, f"run_dir={run_dir}", "logger=none"])
+    code = train_main([*args, f"run_dir={run_dir}", "logger=none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("dpvae: error: ")
     import re
 
     assert re.search(message, err[0]), err[0]
-    assert not (run_dir / "model.ckpt").exists()
+    assert not (run_dir / "model.ckpt").exists() and not (run_dir / "config.yaml").exists()
 
 
 def test_cli_has_no_traceback(tmp_path: Path) -> None:
@@ -115,7 +123,7 @@ def test_existing_run_is_not_overwritten(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "model.ckpt").write_bytes(b"precious")
-    code = train.main([f"run_dir={tmp_path}", "resume=false", "logger=none"])
+    code = train_main([f"run_dir={tmp_path}", "resume=false", "logger=none"])
     assert code == 2
     assert "already holds model.ckpt" in capsys.readouterr().err
     assert (tmp_path / "model.ckpt").read_bytes() == b"precious"

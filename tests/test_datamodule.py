@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
 
-from datamodules import PairedBatchSampler, ReferenceDataModule
+from dpvae.datamodules import PairedBatchSampler, ReferenceDataModule
 
 
 def _toy(tmp_path: Path, dim: int = 2) -> Path:
@@ -19,7 +19,7 @@ def _toy(tmp_path: Path, dim: int = 2) -> Path:
     n, g = 300, 40
     x = rng.poisson(rng.gamma(0.5, 2.0, size=(n, g))).astype(np.float32)
     x[:, 0] += rng.poisson(50, size=n)  # make sure every cell has counts
-    x[:, 5] = rng.poisson(np.linspace(0, 60, n))  # a strongly variable gene
+    x[:, 5] = np.where(np.arange(n) % 2, rng.poisson(200, size=n), 0)  # the most variable gene
     x[7] = 0  # an empty cell
     a = ad.AnnData(X=sp.csr_matrix(x))
     a.var_names = [f"Blank-{i}" if i in (1, 2) else f"g{i}" for i in range(g)]
@@ -35,41 +35,57 @@ def test_hygiene_gene_selection_and_single_scale(tmp_path: Path) -> None:
     dm = ReferenceDataModule(_toy(tmp_path), n_genes=10, val_fraction=0.2, seed=3)
     dm.setup()
     pre = dm.preprocessor
-    assert "c7" not in set(dm.cell_names) and len(dm.cell_names) == 299
+    cells = dm.cells("all")
+    assert "c7" not in set(cells.names) and len(cells.names) == 299
     assert not any(g.startswith("Blank") for g in pre.genes) and len(pre.genes) == 10
+    assert "g5" in pre.genes  # the planted variable gene is selected
     assert pre.count_data and pre.normalize and pre.log1p
     # one scale for all axes: standardised distances are the original ones divided by one number
-    std = dm.all_set.coords.numpy().astype(np.float64)
-    ratio = pdist(std) / pdist(dm.coords)
+    std = pre.coords_to_model(cells.coords)
+    ratio = pdist(std) / pdist(cells.coords)
     assert np.allclose(ratio, 1.0 / pre.coord_scale, rtol=1e-4)
-    np.testing.assert_allclose(pre.coords_from_model(std), dm.coords, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(pre.coords_from_model(std), cells.coords, rtol=1e-4, atol=1e-3)
     # seeded, disjoint validation split of the requested size
-    assert len(dm.val_idx) == 60 and not set(dm.val_idx) & set(dm.train_idx)
+    val, train = dm.cells("val").index, dm.cells("train").index
+    assert len(val) == 60 and not set(val) & set(train) and len(val) + len(train) == 299
     dm2 = ReferenceDataModule(_toy(tmp_path), n_genes=10, val_fraction=0.2, seed=3)
     dm2.setup()
-    np.testing.assert_array_equal(dm.val_idx, dm2.val_idx)
+    np.testing.assert_array_equal(val, dm2.cells("val").index)
 
 
-def test_backed_mode_gives_the_same_data(tmp_path: Path) -> None:
+def test_backed_mode_gives_the_same_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dpvae.datamodules import reference
+
+    opened: list[bool] = []
+    real = reference.read_h5ad
+
+    def spy(*args: object, **kwargs: object) -> ad.AnnData:
+        adata = real(*args, **kwargs)  # type: ignore[arg-type]
+        opened.append(adata.isbacked)
+        return adata
+
+    monkeypatch.setattr(reference, "read_h5ad", spy)
     path = _toy(tmp_path, dim=3)
     mem = ReferenceDataModule(path, n_genes=12, backed=False, chunk_size=64)
     disk = ReferenceDataModule(path, n_genes=12, backed=True, chunk_size=64)
     mem.setup()
     disk.setup()
+    assert opened == [False, True]  # each mode took effect
     assert mem.preprocessor == disk.preprocessor
-    assert (mem.raw != disk.raw).nnz == 0
-    assert mem.spatial_dim == 3
+    assert (mem.cells("all").raw != disk.cells("all").raw).nnz == 0
+    assert mem.preprocessor.spatial_dim == 3
 
 
 def test_batches_carry_coordinates_and_neighbour_pairs(tmp_path: Path) -> None:
-    dm = ReferenceDataModule(_toy(tmp_path), n_genes=0, batch_size=32, n_neighbors=4)
+    dm = ReferenceDataModule(_toy(tmp_path), n_genes=0, batch_size=32, n_neighbours=4)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["raw"].shape == (32, dm.n_genes) and batch["coords"].shape == (32, 2)
     # every anchor (even position) is followed by one of its 4 nearest spatial neighbours
-    coords = dm.train_set.coords.numpy()
+    train = dm.cells("train")
+    coords = dm.preprocessor.coords_to_model(train.coords)
     tree = cKDTree(coords)
-    local = {int(v): i for i, v in enumerate(dm.train_idx)}
+    local = {int(v): i for i, v in enumerate(train.index)}
     rows = [local[int(i)] for i in batch["index"]]
     for a, b in zip(rows[0::2], rows[1::2]):
         _, nbrs = tree.query(coords[a], k=5)
@@ -99,15 +115,16 @@ def test_bad_val_fraction(bad: float) -> None:
 def test_neighbour_pcs_are_log_normalised_and_capped_by_reference_size(tmp_path: Path) -> None:
     """Prediction's expression PCs: loadings of the unscaled log-normalised training cells, at most
     one component per CELLS_PER_NEIGHBOUR_PC training cells."""
-    from datamodules.reference import CELLS_PER_NEIGHBOUR_PC
+    from dpvae.preprocess import CELLS_PER_NEIGHBOUR_PC
 
     dm = ReferenceDataModule(_toy(tmp_path), n_genes=30, neighbour_pcs=15, val_fraction=0.1)
     dm.setup()
-    n_train = len(dm.train_idx)  # 269 cells: 6 components, not 15
+    train = dm.cells("train")
+    n_train = len(train)  # 269 cells: 6 components, not 15
     assert dm.preprocessor.neighbour_pcs == n_train // CELLS_PER_NEIGHBOUR_PC == 6
-    loadings = dm.neighbour_components
-    assert loadings.shape == (30, 6) and dm.pca_components is None
-    x = dm.raw[dm.train_idx].toarray().astype(np.float64)
+    loadings = dm.preprocessor.neighbour_components
+    assert loadings.shape == (30, 6) and dm.preprocessor.pca_components is None
+    x = train.raw.toarray().astype(np.float64)
     x = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)  # no per-gene scaling
     vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
     top = vecs[:, np.argsort(vals)[::-1][:6]]
@@ -115,17 +132,18 @@ def test_neighbour_pcs_are_log_normalised_and_capped_by_reference_size(tmp_path:
     np.testing.assert_allclose(np.abs((top * loadings).sum(axis=0)), 1.0, atol=1e-6)
     off = ReferenceDataModule(_toy(tmp_path), n_genes=30, neighbour_pcs=0)
     off.setup()
-    assert off.preprocessor.neighbour_pcs == 0 and off.neighbour_components is None
+    assert off.preprocessor.neighbour_pcs == 0 and off.preprocessor.neighbour_components is None
 
 
 def test_neighbour_component_rule() -> None:
     """15 leading components of a transcriptome-wide panel, every component of a targeted panel,
     and never more than one per CELLS_PER_NEIGHBOUR_PC training cells."""
-    dm = ReferenceDataModule("osmfish")  # not set up: the rule needs no data
-    assert dm._neighbour_components(2000, 100_000) == 15
-    assert dm._neighbour_components(28, 100_000) == 28
-    assert dm._neighbour_components(2000, 180) == 4
-    assert ReferenceDataModule("osmfish", neighbour_pcs=0)._neighbour_components(28, 10_000) == 0
+    from dpvae.preprocess import neighbour_components
+
+    assert neighbour_components(15, 2000, 100_000) == 15
+    assert neighbour_components(15, 28, 100_000) == 28
+    assert neighbour_components(15, 2000, 180) == 4
+    assert neighbour_components(0, 28, 10_000) == 0
 
 
 @pytest.mark.parametrize("n_cells", [40, 400])  # fewer cells than genes (Gram path), and more

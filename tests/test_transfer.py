@@ -6,9 +6,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from dpvae.api import fit
+import dpvae
 from dpvae.metrics import score_coordinates
-from dpvae.predict import impute_coordinates
 from tests.conftest import shared_file
 
 
@@ -32,12 +31,9 @@ def test_align_query_removes_the_section_shift() -> None:
     ref, query = ref[:, shared].copy(), query[:, shared].copy()
     truth = np.asarray(query.obsm["spatial"], dtype=np.float64)
     del query.obsm["spatial"]
-    model, dm = fit(ref, ["seed=0", "logger=none", "data.val_fraction=0", "trainer.max_epochs=30"])
-    ref_latent, ref_pcs = model.embed(dm.raw, with_pcs=True)
+    model = dpvae.fit(ref, "seed=0", "data.val_fraction=0", "trainer.max_epochs=30")
     scores = {}
     for align in (False, True):
-        coords, _ = impute_coordinates(
-            model, query, ref_latent, dm.coords, ref_pcs=ref_pcs, align_query=align
-        )
+        coords = model.predict(query, align_query=align)
         scores[align] = score_coordinates(coords, truth, "transfer")["dist_pearson"]
     assert scores[True] > scores[False] + 0.02 and scores[True] > 0.55, scores

@@ -53,7 +53,7 @@ class MLPEncoder(Encoder):
         norm: str = "batch",
         activation: str = "relu",
         logvar_clamp: float = 10.0,
-        input_dropout: float = 0.0,
+        input_dropout: float = 0.3,
     ) -> None:
         super().__init__(n_input, n_latent)
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()

@@ -1,0 +1,42 @@
+"""The run folder's checkpoints: ``model.ckpt`` (the model to use) and ``last.ckpt`` (to resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` with a run folder's stable names.
+
+    Without ``monitor``, ``dirpath/model.ckpt`` is the latest epoch; with one (for example
+    ``val/dist_pearson``, mode ``max``), ``model.ckpt`` is the best epoch and ``last.ckpt`` the
+    latest, which a rerun of the same command resumes from. Training that writes no files
+    (:func:`dpvae.fit`) leaves this callback out.
+
+    Args:
+        dirpath: the run folder.
+        monitor: a logged metric, or ``None``.
+        mode: ``min`` or ``max``.
+        every_n_epochs: save every n-th epoch.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        monitor: str | None = None,
+        mode: str = "min",
+        every_n_epochs: int = 1,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="model",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=bool(monitor),
+            every_n_epochs=every_n_epochs,
+            enable_version_counter=False,
+            auto_insert_metric_name=False,
+        )

@@ -1,0 +1,251 @@
+"""The command lines: one parser for every command, ``--help`` from the YAML defaults.
+
+Every command (``dpvae-train`` / ``python train.py``, ``dpvae-predict`` / ``python -m
+dpvae.predict``, and the checkout's benchmarks) takes ``key=value`` arguments composed onto a YAML
+of defaults by :func:`dpvae.config.load_config` (typed and strict), answers ``--help`` with every
+key and its default before anything heavy is imported, and turns a user's mistake into one line
+``dpvae: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dpvae.errors import DPVAEError
+
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def help_text(prog: str, summary: str, conf_dir: Path | None, root_file: str) -> str:
+    """Usage, ``summary``, the option groups and every key with its default and comment."""
+    from dpvae.config import flat_defaults
+
+    rows = flat_defaults(conf_dir, root_file)
+    groups = [(k, v, c) for k, v, c in rows if c.startswith("option group:")]
+    keys = [(k, v, c) for k, v, c in rows if not c.startswith("option group:")]
+    width = max((len(f"{k}={_show(v)}") for k, v, _ in rows), default=0) + 2
+    width = min(width, 44)
+    lines = [f"usage: {prog} [KEY=VALUE ...]", "", summary.strip(), ""]
+    if groups:
+        lines.append("option groups (KEY=OPTION picks a YAML file; a path to a .yaml works too):")
+        for key, value, comment in groups:
+            lines.append(f"  {f'{key}={value}':<{width}} {comment.removeprefix('option group: ')}")
+        lines.append("")
+    lines.append("keys (KEY=VALUE; the default is shown, ??? = required):")
+    for key, value, comment in keys:
+        text = f"{key}={_show(value)}"
+        lines.append(f"  {text:<{width}} {comment}".rstrip())
+    lines += [
+        "",
+        "+KEY=VALUE adds a key the YAML does not list (e.g. +trainer.KEY=... for Lightning).",
+    ]
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def error(message: str) -> None:
+    """Print a user error as one line on stderr."""
+    print(f"dpvae: error: {message}".replace("\n", " "), file=sys.stderr)
+
+
+def run_command(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    summary: str,
+    conf_dir: Path | None = None,
+    root_file: str,
+    work: Callable[[DictConfig], int | None],
+    interrupted: str = "interrupted",
+) -> int:
+    """Parse ``argv`` onto ``root_file``'s defaults and run ``work(cfg)``; return the exit status.
+
+    ``--help`` prints :func:`help_text` (0); a :class:`~dpvae.errors.DPVAEError` prints one line
+    (2); Ctrl-C prints ``interrupted`` (130).
+    """
+    from dpvae.config import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if any(a in HELP_FLAGS for a in args):
+            print(help_text(prog, summary, conf_dir, root_file))
+            return 0
+        cfg = load_config(args, conf_dir=conf_dir, root_file=root_file)
+        return int(work(cfg) or 0)
+    except DPVAEError as exc:
+        error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpvae: {interrupted}", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------- train
+TRAIN_SUMMARY = """
+Train a dp-VAE on a reference section (.h5ad with coordinates in obsm['spatial']); with no
+arguments, on the embedded osmFISH dataset. Writes run_dir/model.ckpt, config.yaml, embedding.h5ad
+and the logs; the same command again resumes an interrupted run.
+"""
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    from dpvae.errors import ConfigError
+
+    existing = [p for p in (run_dir / "last.ckpt", run_dir / "model.ckpt") if p.exists()]
+    if not existing:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds {existing[0].name}; choose another run_dir, or resume=true "
+            "to continue that run"
+        )
+    return existing[0]
+
+
+def train_work(cfg: DictConfig) -> int:
+    """Train from a composed configuration, writing the run folder."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from dpvae import pipeline
+    from dpvae.config import to_plain
+    from dpvae.placement import EMBEDDING_FILE, embed_reference
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    resume_from = _checkpoint_to_resume(run_dir, bool(cfg.resume))
+
+    def on_start(data: Any, logger: Any) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        if logger:
+            logger.log_hyperparams(to_plain(cfg))
+        where = f"resuming from {resume_from}" if resume_from else "training"
+        n_train, n_val = len(data.cells("train")), len(data.cells("val"))
+        print(
+            f"dpvae: {where}: {len(data.preprocessor.genes)} genes, {n_train} train / "
+            f"{n_val} validation cells -> {run_dir}",
+            file=sys.stderr,
+        )
+
+    done = pipeline.train(cfg, run_dir=run_dir, resume_from=resume_from, on_start=on_start)
+    if done.trainer.is_global_zero and cfg.embedding.write:
+        model = done.model.cpu()
+        embed_reference(model, done.data, cfg.embedding.batch_size).write(run_dir / EMBEDDING_FILE)
+        print(
+            f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}", file=sys.stderr
+        )
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``dpvae-train`` and ``python train.py``."""
+    import logging
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    return run_command(
+        argv,
+        prog="dpvae-train",
+        summary=TRAIN_SUMMARY,
+        root_file="train.yaml",
+        work=train_work,
+        interrupted="interrupted; run the same command again to resume",
+    )
+
+
+# -------------------------------------------------------------------------------- predict
+PREDICT_SUMMARY = """
+Place a query's cells with a trained model: mode=impute puts each cell into the reference's frame
+against the run's reference cells (or reference=REF.h5ad); mode=reconstruct solves the query's own
+layout up to rigid motion. The output is the query plus obsm['spatial_dpvae'] (coordinates),
+obsm['X_dpvae'] (latent codes) and uns['dpvae']; scores are printed when the query has true
+coordinates. The query file is never modified.
+"""
+
+
+def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
+    from dpvae.errors import ConfigError
+    from dpvae.placement import MODES
+
+    query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
+    if output.resolve() == query.resolve():
+        raise ConfigError("output must differ from query; the query file is never modified")
+    if output.exists() and not cfg.overwrite:
+        raise ConfigError(f"{output} exists; choose another output or add overwrite=true")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode '{cfg.mode}'; choose one of: {', '.join(MODES)}")
+    if cfg.k < 1:
+        raise ConfigError(f"k must be at least 1, got {cfg.k}")
+    if cfg.n_iter < 0:
+        raise ConfigError(f"n_iter must be 0 or more, got {cfg.n_iter}")
+    if cfg.expression_weight < 0:
+        raise ConfigError(f"expression_weight must be 0 or more, got {cfg.expression_weight}")
+    return query, output
+
+
+def predict_work(cfg: DictConfig) -> int:
+    """Predict from a composed ``predict.yaml`` configuration."""
+    import warnings
+
+    from dpvae.api import load
+    from dpvae.errors import DataError
+    from dpvae.io import read_h5ad, write_h5ad_atomic
+
+    query_path, output = _check_predict(cfg)
+    model = load(cfg.checkpoint)
+    query = read_h5ad(query_path, backed=False)
+    if cfg.plot and cfg.plot not in query.obs and cfg.plot not in query.var_names:
+        raise DataError(f"plot={cfg.plot}: neither an obs column nor a gene of the query")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.annotate(
+            query.copy(),
+            mode=cfg.mode,
+            reference=cfg.reference,
+            k=cfg.k,
+            spatial_key=cfg.spatial_key,
+            layer=cfg.layer,
+            n_iter=cfg.n_iter,
+            expression_weight=cfg.expression_weight,
+            align_query=cfg.align_query,
+        )
+    for w in caught:
+        if "genes are missing" in str(w.message):
+            print(f"dpvae: warning: {w.message}", file=sys.stderr)
+    write_h5ad_atomic(out, output)
+    print(f"dpvae: wrote {output} ({out.n_obs} cells, mode={out.uns['dpvae']['mode']})")
+    scores = out.uns["dpvae"].get("scores")
+    if scores:
+        print("dpvae: scores " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    if cfg.plot:
+        from dpvae.plotting import plot_prediction
+
+        png = plot_prediction(out, cfg.plot, output.with_suffix(".png"), cfg.spatial_key)
+        print(f"dpvae: wrote {png}")
+    return 0
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``dpvae-predict`` and ``python -m dpvae.predict``."""
+    return run_command(
+        argv,
+        prog="dpvae-predict",
+        summary=PREDICT_SUMMARY,
+        root_file="predict.yaml",
+        work=predict_work,
+    )

@@ -1,0 +1,146 @@
+"""The composition root: everything a run needs, built from one configuration.
+
+``dpvae-train`` / ``python train.py``, the Python API (:func:`dpvae.fit`) and the benchmark all
+train through :func:`train`; nothing else instantiates a datamodule, model, callback, logger or
+trainer. The configuration is the composed ``conf/train.yaml`` (:func:`dpvae.config.load_config`);
+each part comes from its ``_target_``, so a user's own class slots in with a YAML file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from dpvae.config import instantiate, locate, to_plain
+from dpvae.errors import ConfigError
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import lightning as L
+
+    from dpvae.contracts import ReferenceData
+    from dpvae.module import DPVAE
+
+
+def configure_process(cfg: DictConfig) -> None:
+    """Seed every generator (``cfg.seed``) and set torch's CPU threads (``cfg.threads``)."""
+    import lightning as L
+    import torch
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+
+
+def build_datamodule(cfg: DictConfig, reference: ad.AnnData | None = None) -> Any:
+    """Instantiate ``cfg.data`` and set it up (hygiene, gene selection, split, preprocessing fit).
+
+    The datamodule is told whether the likelihood needs raw counts; ``reference`` replaces
+    ``data.reference`` with an in-memory AnnData. The result implements
+    :class:`dpvae.contracts.ReferenceData`.
+    """
+    from dpvae.contracts import ReferenceData
+
+    likelihood_cls = locate(cfg.model.likelihood._target_)
+    extra: dict[str, Any] = {"require_counts": bool(getattr(likelihood_cls, "requires_counts", 0))}
+    if reference is not None:
+        extra["reference"] = reference
+    dm = instantiate(cfg.data, **extra)
+    dm.setup("fit")
+    if not isinstance(dm, ReferenceData):
+        raise ConfigError(
+            f"{cfg.data._target_} does not implement dpvae.contracts.ReferenceData "
+            "(a preprocessor property and a cells(split) method)"
+        )
+    return dm
+
+
+def build_model(cfg: DictConfig, data: ReferenceData) -> DPVAE:
+    """The model of ``cfg.model`` for the fitted preprocessing of ``data``."""
+    from dpvae.module import DPVAE
+
+    pre = data.preprocessor
+    return DPVAE(n_genes=len(pre.genes), preprocess=pre, **to_plain(cfg.model))
+
+
+def build_callbacks(cfg: DictConfig, write_files: bool = True) -> list[Any]:
+    """The ``callbacks`` section (null entries skipped; checkpoints only when writing files)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = []
+    for spec in (cfg.get("callbacks") or {}).values():
+        if spec is None or not spec.get("_target_"):
+            continue
+        cls = locate(spec._target_)
+        if not write_files and isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+            continue
+        out.append(instantiate(spec))
+    return out
+
+
+def build_logger(cfg: DictConfig) -> Any:
+    """The logger of ``cfg.logger``, or ``False`` for none."""
+    if cfg.get("logger") is None or not cfg.logger.get("_target_"):
+        return False
+    return instantiate(cfg.logger)
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[Any], logger: Any = False, run_dir: Path | None = None
+) -> L.Trainer:
+    """``lightning.Trainer`` from ``cfg.trainer``; without ``run_dir`` it writes nothing."""
+    import lightning as L
+
+    kwargs = to_plain(cfg.trainer)
+    if run_dir is None:
+        kwargs.update(enable_progress_bar=False, enable_model_summary=False)
+        kwargs.update(enable_checkpointing=False, logger=False)
+    else:
+        kwargs.update(logger=logger, default_root_dir=str(run_dir))
+    try:
+        return L.Trainer(**kwargs, callbacks=callbacks)
+    except (TypeError, ValueError) as exc:  # Lightning's own argument checks
+        raise ConfigError(f"bad trainer setting: {exc}".replace("\n", " ")) from exc
+
+
+@dataclass
+class Trained:
+    """What :func:`train` returns: the model (best weights when monitored), its data, the trainer."""
+
+    model: DPVAE
+    data: Any
+    trainer: L.Trainer
+
+
+def train(
+    cfg: DictConfig,
+    reference: ad.AnnData | None = None,
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_start: Any = None,
+) -> Trained:
+    """Train the configured model.
+
+    Args:
+        cfg: the composed configuration.
+        reference: an in-memory AnnData instead of ``data.reference``.
+        run_dir: the run folder (checkpoints, logs); ``None`` trains in memory and writes nothing.
+        resume_from: a checkpoint to continue from.
+        on_start: called as ``on_start(data, logger)`` on rank zero after setup, before training
+            (the command line writes ``config.yaml`` and prints its first line there).
+    """
+    configure_process(cfg)
+    data = build_datamodule(cfg, reference)
+    model = build_model(cfg, data)
+    logger = build_logger(cfg) if run_dir is not None else False
+    trainer = build_trainer(cfg, build_callbacks(cfg, run_dir is not None), logger, run_dir)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # before fit, ranks are known only from the launcher's environment (DDP re-runs the command)
+    if on_start is not None and getattr(rank_zero_only, "rank", 0) == 0:
+        on_start(data, logger)
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    return Trained(model=model, data=data, trainer=trainer)

@@ -1,0 +1,441 @@
+"""Placing cells from their latent codes: the one owner of every placement rule.
+
+Training's validation callback, ``dpvae-predict``, :class:`dpvae.api.Model` and the benchmark all
+place cells through this module, so each rule exists once:
+
+- **the neighbour search** (:func:`place`): a query cell sits at the distance-weighted mean of its
+  ``k`` nearest reference cells, searched in the latent code joined with the reference's leading
+  expression principal components (:func:`joint_space`), optionally after centring a new batch on
+  the reference (``align_query``) or refined by stress majorisation (``n_iter``);
+- **the in-sample calibration** (:func:`calibrate_in_sample`): codes of the cells the encoder trained
+  on are shrunk to the spread of cells it never saw before they serve as a reference;
+- **the embedding file format** (:class:`ReferenceEmbedding`): ``embedding.h5ad`` of a run, written
+  by training and read by prediction;
+- **AnnData in, coordinates out** (:func:`encode`, :func:`predict`): genes matched by name, the
+  checkpoint's own reference found next to it, scores when the truth is known.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpvae.errors import DataError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from dpvae.contracts import ReferenceData
+    from dpvae.module import DPVAE
+
+#: Reference neighbours that place a query cell (chosen over all dev datasets with the calibrated
+#: joint search; BENCHMARKS.md).
+NEIGHBOURS = 8
+#: Weight of the expression part of the joint neighbour search, each part at unit spread. One
+#: value for every dataset, chosen over all dev datasets (BENCHMARKS.md): lower favours the latent
+#: code (BDTNP), higher the expression (the breast-array transfer).
+EXPRESSION_WEIGHT = 1.25
+#: The file a training run writes beside its checkpoint, and its format tag in ``uns['dpvae']``.
+EMBEDDING_FILE = "embedding.h5ad"
+EMBEDDING_FORMAT = "dpvae.embedding/1"
+#: ``obsm`` key of the reference's expression principal components in an embedding file.
+EXPR_PCS = "X_expr_pcs"
+MODES = ("impute", "reconstruct")
+
+
+# ------------------------------------------------------------------------------ the rules
+def rms_spread(x: Any) -> float:
+    """Root-mean-square distance of the rows of ``x`` (numpy array or tensor) to their mean."""
+    return float((((x - x.mean(0)) ** 2).sum(1).mean()) ** 0.5)
+
+
+def calibrate_in_sample(latent: Any, in_sample: Any) -> tuple[Any, float]:
+    """Shrink the training cells' latent codes to the spread of cells the encoder never saw.
+
+    The encoder fits its training cells' distance constraints more tightly than it generalises:
+    their codes spread wider than those of held-out cells and of query cells (DLPFC: rms 2.05 vs
+    1.64), so a query cell's nearest references are biased towards the held-out ones. The rows
+    flagged ``in_sample`` are scaled about their mean by rms spread(held-out) / rms spread
+    (in-sample), never enlarged. Rows need no particular order; numpy arrays and torch tensors
+    both work. With fewer than two held-out or in-sample rows nothing is scaled.
+
+    Returns:
+        (a calibrated copy of ``latent``, the scale applied).
+    """
+    mask = in_sample.astype(bool) if hasattr(in_sample, "astype") else in_sample.bool()
+    out = latent.clone() if hasattr(latent, "clone") else latent.copy()
+    n_in = int(mask.sum())
+    if n_in < 2 or len(latent) - n_in < 2:
+        return out, 1.0
+    inside, outside = latent[mask], latent[~mask]
+    scale = rms_spread(outside) / max(rms_spread(inside), 1e-12)
+    if scale >= 1.0:
+        return out, 1.0
+    center = inside.mean(0)
+    out[mask] = center + (inside - center) * scale
+    return out, scale
+
+
+def joint_space(
+    ref_latent: Tensor,
+    query_latent: Tensor,
+    ref_extra: Tensor | None = None,
+    query_extra: Tensor | None = None,
+    weight: float = EXPRESSION_WEIGHT,
+) -> tuple[Tensor, Tensor]:
+    """Reference and query codes for a neighbour search over latent and extra features together.
+
+    Each part is divided by its root-mean-square spread over the reference cells, so both count
+    equally before ``weight`` multiplies the extra part (expression principal components). Without
+    extra features, or with ``weight`` 0, the latent codes are returned as they are.
+    """
+    if ref_extra is None or query_extra is None or weight <= 0:
+        return ref_latent, query_latent
+    sz, se = max(rms_spread(ref_latent), 1e-12), max(rms_spread(ref_extra), 1e-12)
+    ref = torch.cat([ref_latent / sz, weight * ref_extra / se], dim=1)
+    query = torch.cat([query_latent / sz, weight * query_extra / se], dim=1)
+    return ref, query
+
+
+def _as_tensor(x: Any, device: torch.device | None) -> Tensor:
+    return torch.as_tensor(x, device=device)
+
+
+@torch.no_grad()
+def place(
+    query_latent: Any,
+    ref_latent: Any,
+    ref_coords: Any,
+    *,
+    query_pcs: Any = None,
+    ref_pcs: Any = None,
+    scale: float = 1.0,
+    k: int = NEIGHBOURS,
+    n_iter: int = 0,
+    expression_weight: float = EXPRESSION_WEIGHT,
+    align_query: bool = False,
+) -> Tensor:
+    """Query coordinates in the frame of ``ref_coords`` (float64, on the reference's device).
+
+    ``ref_latent`` should already be calibrated (:meth:`ReferenceEmbedding.search_latent`).
+    ``align_query``: the query is another batch (a new section, dissociated cells): its latent
+    codes and expression PCs are shifted so that their mean is the reference's before the search,
+    removing the batch's overall expression shift (DLPFC 151673 -> 151674: dist_pearson 0.61 ->
+    0.68). Leave it off for a sample of the reference's own tissue, whose composition may differ.
+
+    With expression PCs on both sides (and ``n_iter`` 0), neighbours are searched in the joint
+    space of :func:`joint_space`; otherwise in the latent code alone, and ``n_iter`` > 0 then
+    minimises the weighted stress to the ``k`` neighbours (:func:`dpvae.solver.impute`), which on
+    the dev data lowered dist_pearson everywhere (latent distances between adjacent cells do not
+    shrink to zero), so it is off by default. ``k`` is capped at the reference size.
+    """
+    from dpvae.solver import impute, knn_mean
+
+    device = ref_coords.device if isinstance(ref_coords, Tensor) else None
+    zr = _as_tensor(ref_latent, device).double()
+    zq = _as_tensor(query_latent, device).double()
+    coords = _as_tensor(ref_coords, device).double()
+    k = min(int(k), len(zr))
+    if align_query:
+        zq = zq - zq.mean(dim=0) + zr.mean(dim=0)
+        if query_pcs is not None and ref_pcs is not None:
+            query_pcs = query_pcs - query_pcs.mean(0) + ref_pcs.mean(0)
+    if n_iter == 0 and query_pcs is not None and ref_pcs is not None and expression_weight > 0:
+        jr, jq = joint_space(
+            zr,
+            zq,
+            _as_tensor(ref_pcs, device).double(),
+            _as_tensor(query_pcs, device).double(),
+            expression_weight,
+        )
+        return knn_mean(jq, jr, coords, k=k)
+    return impute(zq, zr, coords, scale=scale, k=k, n_iter=n_iter)
+
+
+# ------------------------------------------------------------------ the embedding format
+@dataclass
+class ReferenceEmbedding:
+    """Reference cells as prediction needs them: codes, coordinates, expression PCs, split.
+
+    Attributes:
+        latent: (n, L) the model's codes, as they are (uncalibrated).
+        coords: (n, D) coordinates in the reference's original units.
+        pcs: (n, P) expression principal components, or ``None`` when the model has none.
+        in_sample: (n,) True for the cells the model trained on, or ``None`` when every cell is
+            new to it (an expression reference embedded at prediction time).
+        names: cell names, or ``None``.
+        genes: the model's genes; scale: its lambda.
+    """
+
+    latent: np.ndarray
+    coords: np.ndarray
+    pcs: np.ndarray | None = None
+    in_sample: np.ndarray | None = None
+    names: np.ndarray | None = None
+    genes: list[str] = field(default_factory=list)
+    scale: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.latent)
+
+    def search_latent(self) -> np.ndarray:
+        """Codes to search among: training cells calibrated against held-out ones."""
+        if self.in_sample is None:
+            return self.latent
+        return calibrate_in_sample(self.latent, self.in_sample)[0]
+
+    def to_anndata(self) -> ad.AnnData:
+        """The ``embedding.h5ad`` layout: codes in ``X``, ``obs['split']``, ``obsm['spatial']``."""
+        import anndata as ad
+        import pandas as pd
+
+        obs = pd.DataFrame(index=None if self.names is None else pd.Index(self.names, dtype=str))
+        if self.in_sample is not None:
+            split = np.where(self.in_sample, "train", "val").astype(object)
+            obs["split"] = pd.Categorical(split, categories=["train", "val"])
+        out = ad.AnnData(
+            X=np.asarray(self.latent, dtype=np.float32),
+            obs=obs,
+            var=pd.DataFrame(index=[f"latent_{i}" for i in range(self.latent.shape[1])]),
+        )
+        out.obsm["spatial"] = np.asarray(self.coords, dtype=np.float64)
+        if self.pcs is not None:
+            out.obsm[EXPR_PCS] = np.asarray(self.pcs)
+        out.uns["dpvae"] = {
+            "format": EMBEDDING_FORMAT,
+            "lambda": float(self.scale),
+            "genes": list(self.genes),
+        }
+        return out
+
+    def write(self, path: str | Path) -> Path:
+        """Write :meth:`to_anndata` atomically (temporary file and rename)."""
+        from dpvae.io import write_h5ad_atomic
+
+        return write_h5ad_atomic(self.to_anndata(), path)
+
+    @staticmethod
+    def is_embedding(adata: ad.AnnData) -> bool:
+        """Whether ``adata`` is an embedding file (by its format tag, not by its names)."""
+        info = adata.uns.get("dpvae", {})
+        return isinstance(info, dict) and info.get("format") == EMBEDDING_FORMAT
+
+    @classmethod
+    def from_anndata(cls, adata: ad.AnnData, latent_dim: int | None = None) -> ReferenceEmbedding:
+        """Inverse of :meth:`to_anndata`.
+
+        Raises:
+            DataError: not an embedding file, or one of another latent width.
+        """
+        from dpvae.io import get_coordinates
+
+        if not cls.is_embedding(adata):
+            raise DataError("not a dpvae embedding file (no uns['dpvae']['format'])")
+        latent = np.asarray(adata.X, dtype=np.float32)
+        if latent_dim is not None and latent.shape[1] != latent_dim:
+            raise DataError(
+                f"the embedding has {latent.shape[1]} latent dimensions but the model "
+                f"{latent_dim}; use the embedding.h5ad written with this checkpoint"
+            )
+        in_sample = None
+        if "split" in adata.obs:
+            in_sample = np.asarray(adata.obs["split"].astype(str) == "train")
+        info = adata.uns["dpvae"]
+        return cls(
+            latent=latent,
+            coords=get_coordinates(adata, "spatial"),
+            pcs=np.asarray(adata.obsm[EXPR_PCS]) if EXPR_PCS in adata.obsm else None,
+            in_sample=in_sample,
+            names=np.asarray(adata.obs_names).astype(str),
+            genes=[str(g) for g in info.get("genes", [])],
+            scale=float(info.get("lambda", 1.0)),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path, latent_dim: int | None = None) -> ReferenceEmbedding:
+        """Read an ``embedding.h5ad`` written by :meth:`write`."""
+        from dpvae.io import read_h5ad
+
+        return cls.from_anndata(read_h5ad(path, backed=False), latent_dim)
+
+
+def embed_reference(
+    model: DPVAE, data: ReferenceData, batch_size: int = 4096
+) -> ReferenceEmbedding:
+    """The embedding of every reference cell of a fitted datamodule (its cell order)."""
+    cells = data.cells("all")
+    latent, pcs = model.embed(cells.raw, batch_size=batch_size, with_pcs=True)
+    in_sample = np.zeros(len(latent), dtype=bool)
+    in_sample[data.cells("train").index] = True
+    return ReferenceEmbedding(
+        latent=latent,
+        coords=cells.coords,
+        pcs=pcs,
+        in_sample=in_sample,
+        names=cells.names,
+        genes=model.genes,
+        scale=model.scale_value(),
+    )
+
+
+# -------------------------------------------------------------------- AnnData in, coords out
+def encode(
+    model: DPVAE, adata: ad.AnnData, layer: str | None = None, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Latent codes and expression PCs of ``adata``'s cells, genes matched to the model's by name.
+
+    Missing genes are zero-filled with a warning that says how many. Returns
+    (latent, expression PCs or ``None``, number of missing genes).
+    """
+    from dpvae.io import align_genes
+
+    raw, missing = align_genes(adata, model.genes, layer=layer)
+    if missing:
+        warnings.warn(
+            f"{missing} of the model's {len(model.genes)} genes are missing from the query; "
+            "they are filled with zeros",
+            stacklevel=2,
+        )
+    latent, pcs = model.embed(raw, batch_size=batch_size, with_pcs=True)
+    return latent, pcs, missing
+
+
+def resolve_reference(
+    model: DPVAE,
+    reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
+    spatial_key: str = "spatial",
+) -> ReferenceEmbedding:
+    """The reference cells to impute against.
+
+    ``reference``: ``None`` for the ``embedding.h5ad`` beside the model's checkpoint (any way of
+    loading a run records it), an embedding file or :class:`ReferenceEmbedding`, or an expression
+    ``.h5ad``/AnnData with coordinates, whose cells the model embeds as new cells.
+    """
+    from dpvae.io import get_coordinates, read_h5ad
+
+    if isinstance(reference, ReferenceEmbedding):
+        return reference
+    if reference is None:
+        ckpt = getattr(model, "checkpoint_path", None)
+        if not ckpt:
+            raise DataError(
+                "no reference cells: this model was not loaded from a run folder; pass "
+                "reference=REF.h5ad (cells with coordinates) or load it with dpvae.load(RUN_DIR)"
+            )
+        reference = Path(ckpt).parent / EMBEDDING_FILE
+        if not reference.exists():
+            raise DataError(
+                f"{reference} not found next to the checkpoint; pass reference=REF.h5ad"
+            )
+    adata = reference if not isinstance(reference, str | Path) else read_h5ad(reference)
+    if ReferenceEmbedding.is_embedding(adata):
+        return ReferenceEmbedding.from_anndata(adata, model.hparams["latent_dim"])
+    coords = get_coordinates(adata, spatial_key)
+    latent, pcs, _ = encode(model, adata)
+    return ReferenceEmbedding(
+        latent,
+        coords,
+        pcs,
+        names=np.asarray(adata.obs_names).astype(str),
+        genes=model.genes,
+        scale=model.scale_value(),
+    )
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict` returns: coordinates, latent codes and a record of how."""
+
+    coords: np.ndarray
+    latent: np.ndarray
+    info: dict[str, Any]
+
+    def write_to(self, adata: ad.AnnData) -> None:
+        """Store in ``adata``: ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']``, ``uns['dpvae']``."""
+        adata.obsm["spatial_dpvae"] = self.coords
+        adata.obsm["X_dpvae"] = self.latent
+        adata.uns["dpvae"] = self.info
+
+
+def predict(
+    model: DPVAE,
+    query: ad.AnnData,
+    mode: str = "impute",
+    reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
+    k: int = NEIGHBOURS,
+    spatial_key: str = "spatial",
+    layer: str | None = None,
+    n_iter: int = 0,
+    expression_weight: float = EXPRESSION_WEIGHT,
+    align_query: bool = False,
+    seed: int = 0,
+) -> Prediction:
+    """Coordinates of the query's cells, in the reference's frame (impute) or up to rigid motion.
+
+    ``mode=impute`` places each cell against the reference (:func:`resolve_reference`,
+    :func:`place`); ``mode=reconstruct`` solves the query's own layout from its latent distances
+    (classical MDS then SMACOF; landmarks above 3000 cells). When the query carries true
+    coordinates under ``obsm[spatial_key]`` the benchmark's scores are added to ``info['scores']``
+    (impute scores, or the rotation-invariant transfer scores for reconstruct).
+    """
+    from dpvae.metrics import score_coordinates
+    from dpvae.solver import reconstruct
+
+    if mode not in MODES:
+        raise DataError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if query.n_obs == 0:
+        raise DataError("the query has no cells; give a file with at least one cell")
+    if isinstance(k, bool) or int(k) < 1:
+        raise DataError(f"k must be a positive integer, got {k!r}")
+    pre = model.preprocessor
+    if mode == "impute":
+        ref = resolve_reference(model, reference, spatial_key)
+        latent, pcs, _ = encode(model, query, layer)
+        std = place(
+            latent,
+            ref.search_latent(),
+            pre.coords_to_model(ref.coords),
+            query_pcs=pcs,
+            ref_pcs=ref.pcs,
+            scale=model.scale_value(),
+            k=k,
+            n_iter=n_iter,
+            expression_weight=expression_weight,
+            align_query=align_query,
+        )
+        coords = pre.coords_from_model(std.cpu().numpy())
+    else:
+        latent, _, _ = encode(model, query, layer)
+        if len(latent) < 3:
+            raise DataError("reconstruct needs at least 3 query cells; use mode=impute")
+        std = reconstruct(
+            torch.as_tensor(latent, dtype=torch.float64),
+            pre.spatial_dim,
+            model.scale_value(),
+            seed=seed,
+        )
+        coords = std.numpy() * pre.coord_scale
+    shared = set(map(str, query.var_names))
+    info: dict[str, Any] = {
+        "checkpoint": str(getattr(model, "checkpoint_path", "") or ""),
+        "mode": mode,
+        "genes": model.genes,
+        "n_genes_missing": int(sum(g not in shared for g in model.genes)),
+        "lambda": model.scale_value(),
+    }
+    if spatial_key in query.obsm and len(coords) >= 3:
+        from dpvae.io import get_coordinates
+
+        truth = get_coordinates(query, spatial_key)
+        finite = np.all(np.isfinite(truth), axis=1)
+        if finite.sum() >= 3:
+            task = "impute" if mode == "impute" else "transfer"
+            nn = pre.ref_nn_distance if task == "impute" else None
+            info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)
+    return Prediction(coords, latent, info)
