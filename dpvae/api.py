@@ -214,7 +214,7 @@ def load(path: str | Path) -> Model:
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(OmegaConf.load(ckpt.parent / CONFIG_FILE))
-    return Model(module, reference, config if isinstance(config, dict) else None)
+    return Model(module, reference, dict(config) if isinstance(config, dict) else None)  # type: ignore[arg-type]
 
 
 def fit_predict(

@@ -284,8 +284,7 @@ def load_config(
     for key in selections:
         _set_value(base, key, selections[key], add=True)
     composed = _compose(base, [], roots, selections)
-    defaults = OmegaConf.to_container(_resolved(composed), resolve=False)
-    assert isinstance(defaults, dict)
+    defaults: Any = OmegaConf.to_container(_resolved(composed), resolve=False)
     for key, value, add in values:
         _set_value(composed, key, value, add, defaults)
     cfg = _resolved(composed)
@@ -396,7 +395,6 @@ def instantiate(spec: Mapping[str, Any] | Any, **kwargs: Any) -> Any:
     one-line ConfigError naming the ones it does; an error raised inside the target's own
     constructor is not disguised as a config error.
     """
-    import inspect
 
     spec = to_plain(spec)
     if not isinstance(spec, Mapping) or "_target_" not in spec:
@@ -419,11 +417,10 @@ def _accepted_keywords(cls: Any) -> set[str] | None:
     (``None`` when that cannot be told, e.g. a builtin or a function taking ``**kwargs``)."""
     import inspect
 
-    chain = (
-        [k.__init__ for k in cls.__mro__ if "__init__" in vars(k)]
-        if isinstance(cls, type)
-        else [cls]
-    )
+    if isinstance(cls, type):
+        chain = [vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k)]
+    else:
+        chain = [cls]
     names: set[str] = set()
     for func in chain:
         try:

@@ -65,6 +65,8 @@ class DPVAE(L.LightningModule):
     """
 
     scale_initialised: Tensor
+    #: the file this model was loaded from or saved to (its run's reference sits beside it)
+    checkpoint_path: str | None
 
     def __init__(
         self,
@@ -121,6 +123,7 @@ class DPVAE(L.LightningModule):
         self.regularizer: DistanceRegularizer = instantiate(specs["regularizer"])
         # whether lambda was re-initialised at switch-on; saved so a resumed run does not redo it
         self.register_buffer("scale_initialised", torch.tensor(False))
+        self.checkpoint_path = None
 
     # ------------------------------------------------------------------ model
     def _encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,0 +1,116 @@
+"""The layering rules of the README's Layout section, read from the source (no imports run)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: module name -> file, for every module of the installed package (the wings under their names)
+FOLDERS = {"dpvae": ROOT / "dpvae", "dpvae.datamodules": ROOT / "datamodules"}
+FOLDERS["dpvae.callbacks"] = ROOT / "callbacks"
+# the package's __init__ re-exports the API lazily: a front end (importing a submodule imports it
+# as the parent, which is not counted)
+FRONT = {"dpvae", "dpvae.pipeline", "dpvae.api", "dpvae.cli", "dpvae.predict", "dpvae.plotting"}
+WINGS = ("dpvae.datamodules", "dpvae.callbacks")
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for prefix, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if prefix == "dpvae" and parts[0] in ("datamodules", "callbacks"):
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = path
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _layer(module: str) -> str:
+    if module in FRONT:
+        return "front"
+    for wing in WINGS:
+        if module == wing or module.startswith(wing + "."):
+            return wing
+    return "maths"
+
+
+def _violations() -> list[str]:
+    bad = []
+    modules = _modules()
+    for name, path in modules.items():
+        layer = _layer(name)
+        for target in _imports(name, path):
+            if target.split(".")[0] in ("benchmarks", "tests", "train"):
+                bad.append(f"{name} imports {target} (outside the installed package)")
+            if target not in modules or target == "dpvae":
+                continue
+            other = _layer(target)
+            if layer == "maths" and other != "maths":
+                bad.append(f"{name} (maths) imports {target} ({other})")
+            if layer in WINGS and other not in ("maths", layer):
+                bad.append(f"{name} ({layer}) imports {target} ({other})")
+    return bad
+
+
+def test_imports_flow_one_way() -> None:
+    """The maths imports neither wing nor a front end; the wings import the maths only."""
+    assert len(_modules()) > 25  # the scan sees the package
+    assert _violations() == []
+
+
+def test_the_rule_catches_a_violation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A maths module that imports the callbacks is reported (the check can fail)."""
+    fake = tmp_path / "dpvae"
+    fake.mkdir()
+    (fake / "solver.py").write_text("from dpvae.callbacks import SpatialValidation\n")
+    (fake / "__init__.py").write_text("")
+    monkeypatch.setitem(FOLDERS, "dpvae", fake)
+    assert any("dpvae.solver (maths) imports dpvae.callbacks" in v for v in _violations())
+
+
+@pytest.mark.parametrize("command", ["train.py", "-m dpvae.predict"])
+def test_help_imports_no_torch(command: str) -> None:
+    """--help answers from the YAML before torch, Lightning or anndata are imported."""
+    code = (
+        "import sys, runpy; sys.argv = ['x', '--help']\n"
+        f"target = {command.split()[-1]!r}\n"
+        "try:\n"
+        "    runpy.run_path(target, run_name='__main__') if target.endswith('.py') else "
+        "runpy.run_module(target, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "heavy = [m for m in ('torch', 'lightning', 'anndata', 'wandb') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: dpvae-" in proc.stdout
+    assert ("k=8" if "predict" in command else "trainer.max_epochs=60") in proc.stdout
