@@ -42,7 +42,7 @@ class SpatialValidation(L.Callback):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_epochs: int = 5,
         k: int = NEIGHBOURS,
         max_reference: int = 50_000,
         seed: int = 0,

@@ -99,3 +99,45 @@ def test_instantiate_errors_are_one_line() -> None:
 )
 def test_groups_offer_expected_options(group: list[str], expected: set[str]) -> None:
     assert expected <= set(group_options(group, [CONF]))
+
+
+def _constructor_defaults(target: str) -> dict[str, object]:
+    import inspect
+
+    from dpvae.config import locate
+
+    params = inspect.signature(locate(target)).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def test_yaml_is_the_one_source_of_defaults() -> None:
+    """The datamodule's, the callbacks' and the model's constructor defaults are the YAML's, so a
+    part built from Python behaves as the command line's default (interpolations skipped)."""
+    cfg = load_config(["run_dir=x"])
+    specs = {"data": cfg.data, **{f"callbacks.{k}": v for k, v in cfg.callbacks.items()}}
+    raw = load_config_raw()
+    checked = 0
+    for name, spec in specs.items():
+        defaults = _constructor_defaults(spec._target_)
+        for key, value in spec.items():
+            if key.startswith("_") or key not in defaults or "${" in str(raw[name].get(key, "")):
+                continue
+            assert defaults[key] == value, (
+                f"{name}.{key}: constructor {defaults[key]!r}, YAML {value!r}"
+            )
+            checked += 1
+    module = _constructor_defaults("dpvae.module.DPVAE")
+    for key, value in cfg.model.items():
+        if not isinstance(value, dict | type(cfg.model)) and key in module:
+            assert module[key] == value, f"model.{key}: constructor {module[key]!r}, YAML {value!r}"
+            checked += 1
+    assert checked > 25
+
+
+def load_config_raw() -> dict[str, dict[str, object]]:
+    """The data and callback sections as written (interpolations unresolved)."""
+    import yaml
+
+    root = yaml.safe_load((CONF / "train.yaml").read_text())
+    data = yaml.safe_load((CONF / "data" / "reference.yaml").read_text())
+    return {"data": data, **{f"callbacks.{k}": v for k, v in root["callbacks"].items()}}

@@ -270,3 +270,26 @@ def test_predict_help_lists_every_key(capsys: pytest.CaptureFixture[str]) -> Non
         from dpvae.config import load_config
 
         load_config(["checkpoint=a", "query=b", "output=c", "k=1.5"], root_file="predict.yaml")
+
+
+def test_fit_predict_is_fit_then_predict(osmfish_small: Path) -> None:
+    """The benchmark's one call: the same placements as the API's fit and predict; transfer
+    differs only by centring the query (align_query)."""
+    from dpvae.api import fit_predict
+    from dpvae.metrics import median_nn_distance, score_coordinates
+
+    src = ad.read_h5ad(osmfish_small)
+    ref, query = src[:900].copy(), src[900:].copy()
+    truth = query.obsm.pop("spatial")
+    overrides = ("trainer.max_epochs=4", "model.warmup_epochs=1")
+    impute = fit_predict(ref, query, "impute", seed=0, overrides=overrides)
+    model = dpvae.fit(ref, "seed=0", *overrides)
+    np.testing.assert_array_equal(impute, model.predict(query))
+    np.testing.assert_array_equal(
+        fit_predict(ref, query, "transfer", seed=0, overrides=overrides),
+        model.predict(query, align_query=True),
+    )
+    spacing = median_nn_distance(ref.obsm["spatial"])
+    assert score_coordinates(impute, truth, "impute", spacing)["dist_pearson"] > 0.2
+    with pytest.raises(ValueError, match="task must be"):
+        fit_predict(ref, query, "anchored")
