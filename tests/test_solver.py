@@ -61,8 +61,20 @@ def test_classical_mds_exact_and_deterministic(n: int) -> None:
     out = classical_mds(D, 2)
     assert torch.allclose(torch.cdist(out, out, compute_mode=_EXACT), D, atol=1e-8)
     assert torch.equal(out, classical_mds(D, 2))
-    assert out.abs().argmax(0).shape == (2,)
-    assert bool((out.gather(0, out.abs().argmax(0)[None]) > 0).all())  # sign convention
+    assert out.dtype == D.dtype
+    # centred, principal axes: orthogonal columns, the larger spread first
+    assert float(out.mean(0).abs().max()) < 1e-9
+    gram = out.T @ out
+    assert abs(float(gram[0, 1])) < 1e-6 * float(gram[1, 1])
+    assert float(gram[0, 0]) > float(gram[1, 1])
+    # sign convention: each column's entry of largest magnitude is positive
+    pivot = out.abs().argmax(0)
+    assert bool((out[pivot, torch.arange(2)] > 0).all())
+    # ... which makes the output a function of the points, not of their order or of the signs the
+    # eigensolver happens to return: permuting the points permutes the rows, nothing else
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    permuted = classical_mds(D[perm][:, perm], 2)
+    assert torch.allclose(permuted, out[perm], atol=1e-6)
 
 
 def test_smacof_noisy_distances_bounded_error() -> None:
@@ -219,7 +231,7 @@ def test_validation_errors(call, match: str) -> None:
 
 
 def test_joint_space_scales_each_part_to_unit_spread() -> None:
-    from dpvae.solver import joint_space
+    from dpvae.placement import joint_space
 
     gen = torch.Generator().manual_seed(0)
     zr, zq = torch.randn(50, 4, generator=gen) * 7.0, torch.randn(5, 4, generator=gen)
@@ -241,7 +253,7 @@ def test_joint_space_scales_each_part_to_unit_spread() -> None:
 def test_calibrate_in_sample_matches_held_out_spread() -> None:
     """Training rows spread twice as wide as held-out rows: they are scaled about their own mean
     to the held-out spread; held-out rows are untouched; a narrower in-sample set is not enlarged."""
-    from dpvae.solver import calibrate_in_sample
+    from dpvae.placement import calibrate_in_sample
 
     rng = np.random.default_rng(0)
     held_out = rng.normal(size=(200, 4))
