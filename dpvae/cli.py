@@ -21,7 +21,9 @@ from dpvae.errors import DPVAEError
 HELP_FLAGS = ("-h", "--help", "help")
 
 
-def help_text(prog: str, summary: str, conf_dir: Path | None, root_file: str) -> str:
+def help_text(
+    prog: str, summary: str, conf_dir: Path | None, root_file: str, extra_keys: bool = True
+) -> str:
     """Usage, ``summary``, the option groups and every key with its default and comment."""
     from dpvae.config import flat_defaults
 
@@ -40,10 +42,8 @@ def help_text(prog: str, summary: str, conf_dir: Path | None, root_file: str) ->
     for key, value, comment in keys:
         text = f"{key}={_show(value)}"
         lines.append(f"  {text:<{width}} {comment}".rstrip())
-    lines += [
-        "",
-        "+KEY=VALUE adds a key the YAML does not list (e.g. +trainer.KEY=... for Lightning).",
-    ]
+    if extra_keys:
+        lines += ["", "+KEY=VALUE adds a key the YAML does not list (e.g. +trainer.KEY=...)."]
     return "\n".join(lines)
 
 
@@ -71,6 +71,7 @@ def run_command(
     root_file: str,
     work: Callable[[DictConfig], int | None],
     interrupted: str = "interrupted",
+    extra_keys: bool = True,
 ) -> int:
     """Parse ``argv`` onto ``root_file``'s defaults and run ``work(cfg)``; return the exit status.
 
@@ -82,8 +83,13 @@ def run_command(
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if any(a in HELP_FLAGS for a in args):
-            print(help_text(prog, summary, conf_dir, root_file))
+            print(help_text(prog, summary, conf_dir, root_file, extra_keys))
             return 0
+        added = [a for a in args if a.startswith("+")]
+        if added and not extra_keys:
+            from dpvae.errors import ConfigError
+
+            raise ConfigError(f"{prog} takes no added keys ({added[0]}); --help lists its keys")
         cfg = load_config(args, conf_dir=conf_dir, root_file=root_file)
         return int(work(cfg) or 0)
     except DPVAEError as exc:
@@ -248,4 +254,5 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         summary=PREDICT_SUMMARY,
         root_file="predict.yaml",
         work=predict_work,
+        extra_keys=False,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -12,8 +14,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from dpvae import benchmark as B
-from dpvae import comparators as C
+from benchmarks import comparators as C
+from benchmarks import protocol as B
 from dpvae.data import embedded_path
 from dpvae.errors import ConfigError
 from dpvae.metrics import median_nn_distance, score_coordinates
@@ -126,10 +128,14 @@ def test_knn_regression_and_pca_mds_reproduce_osmfish_anchors() -> None:
     assert np.mean(mds) == pytest.approx(0.214, abs=0.005)
 
 
-def test_knn_regression_reproduces_breast_anchor() -> None:
-    """Exercises the 2000-gene selection and the randomized PCA (more genes than cells)."""
-    knn = _impute_scores(_shared("st_breast_cancer_layer1.h5ad"), "knn_regression", (0,))
-    assert knn[0] == pytest.approx(0.296, abs=0.005)  # ANCHORS.md, seed-0 split
+@pytest.mark.parametrize(
+    ("fname", "anchor"),
+    [("st_breast_cancer_layer1.h5ad", 0.296), ("dlpfc_visium_151673.h5ad", 0.647)],
+)
+def test_knn_regression_reproduces_transcriptome_anchors(fname: str, anchor: float) -> None:
+    """Exercises the 2000-gene selection and the randomized PCA (ANCHORS.md, seed-0 split)."""
+    knn = _impute_scores(_shared(fname), "knn_regression", (0,))
+    assert knn[0] == pytest.approx(anchor, abs=0.005)
 
 
 def test_comparators_on_embedded_osmfish_are_in_the_reference_frame() -> None:
@@ -144,29 +150,45 @@ def test_comparators_on_embedded_osmfish_are_in_the_reference_frame() -> None:
     assert M.shape == (len(qi), 2) and np.isfinite(M).all()
 
 
-def test_randomized_pca_matches_exact_subspace() -> None:
+def test_pca_is_scikit_learns_on_the_selected_genes() -> None:
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(120, 8)) @ rng.normal(size=(8, 600)) * 3 + rng.normal(size=(120, 600))
-    mean, comps, ev = C._pca(X, 5)  # 120 x 600, k=5: the randomized branch
-    Xc = X - X.mean(axis=0)
-    _, s, vt = np.linalg.svd(Xc, full_matrices=False)
-    overlap = np.linalg.svd(vt[:5] @ comps, compute_uv=False)
-    assert overlap.min() > 0.999
-    np.testing.assert_allclose(ev, s[:5] ** 2 / 119, rtol=1e-3)
-    # the sparse path gives the same subspace
-    _, comps_sp, _ = C._pca(sp.csr_matrix(X), 5)
-    assert np.linalg.svd(comps.T @ comps_sp, compute_uv=False).min() > 0.999
+    X = rng.poisson(rng.gamma(0.5, 2.0, size=300), size=(120, 300)).astype(float)
+    pre = C.fit_preprocessor(sp.csr_matrix(X), n_top_genes=100, n_comps=5)
+    assert pre.counts and len(pre.genes) == 100 and pre.pca.n_components_ == 5
+    L = C.log_normalize(X, counts=True)[:, pre.genes]
+    Lc = L - L.mean(axis=0)
+    _, s, vt = np.linalg.svd(Lc, full_matrices=False)
+    overlap = np.linalg.svd(vt[:5] @ pre.pca.components_.T, compute_uv=False)
+    assert overlap.min() > 0.99  # randomized PCA (120 x 100, k=5) spans the exact subspace
+    Z = pre.transform(X[:7])
+    np.testing.assert_allclose(Z, (L[:7] - pre.pca.mean_) @ pre.pca.components_.T, atol=1e-10)
 
 
-def test_variance_and_seurat_gene_selection() -> None:
+def test_pca_mds_is_the_solvers_classical_mds() -> None:
+    import torch
+    from scipy.spatial.distance import pdist, squareform
+
+    from dpvae.solver import classical_mds
+
+    a = B.hygiene(ad.read_h5ad(embedded_path("osmfish")))[:300].copy()
+    r, q = B.method_inputs(a[:200], a[200:])
+    Z = C.fit_preprocessor(r.X).transform(q.X)
+    expected = classical_mds(torch.from_numpy(squareform(pdist(Z))), 2).numpy()
+    np.testing.assert_allclose(C.pca_mds(r, q, 0), expected)
+    # the top two principal-component scores of the query, up to sign
+    Zc = Z - Z.mean(axis=0)
+    u, s, _ = np.linalg.svd(Zc, full_matrices=False)
+    np.testing.assert_allclose(np.abs(expected), np.abs(u[:, :2] * s[:2]), atol=1e-8)
+
+
+def test_gene_selection_ranks_by_log_normalised_variance() -> None:
     rng = np.random.default_rng(1)
     X = rng.poisson(rng.gamma(0.5, 2.0, size=60), size=(200, 60)).astype(float)
     L = C.log_normalize(sp.csr_matrix(X), counts=True)
     top = C.highly_variable_genes(L, n_top=10)
     var = L.toarray().var(axis=0)
     np.testing.assert_array_equal(top, np.sort(np.argsort(-var, kind="stable")[:10]))
-    seurat = C.highly_variable_genes(L, n_top=10, flavor="seurat")
-    assert len(seurat) == 10 and np.all(np.diff(seurat) > 0)
+    np.testing.assert_array_equal(C.highly_variable_genes(L.toarray(), n_top=10), top)
     np.testing.assert_array_equal(C.highly_variable_genes(L, n_top=100), np.arange(60))
 
 
@@ -187,25 +209,69 @@ def test_count_detection_and_log_normalisation() -> None:
     ("args", "needle"),
     [
         (["bogus=1"], "valid keys"),
+        (["+bogus=1"], "valid keys"),
         (["methods=knn_regression,magic"], "valid: dpvae, knn_regression"),
         (["datasets=nope"], "valid: all, "),
         (["tasks=impute,other"], "valid: impute, transfer"),
-        (["seeds=a"], "integers"),
+        (["seeds=a"], "seeds"),
+        (["seeds=-1"], "non-negative"),
         (["timeout=-3"], "timeout"),
+        (["timeout=soon"], "timeout"),
+        (["threads=0"], "threads"),
         (["pairs=osmfish"], "REF->QUERY"),
         (["noequals"], "key=value"),
     ],
 )
 def test_bad_arguments_name_the_choices(tmp_path: Path, args: list[str], needle: str) -> None:
     (tmp_path / "osmfish_mouse_sscortex.h5ad").symlink_to(embedded_path("osmfish"))
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("+", r"\+")):
         B.parse_args([f"data_dir={tmp_path}", *args])
+
+
+def test_defaults_come_from_the_yaml(tmp_path: Path) -> None:
+    (tmp_path / "osmfish_mouse_sscortex.h5ad").symlink_to(embedded_path("osmfish"))
+    cfg = B.parse_args([f"data_dir={tmp_path}", "timeout=5", "threads=2"])
+    assert cfg.tasks == ("impute", "transfer") and cfg.seeds == (0, 1, 2)
+    assert cfg.methods == ("dpvae", "knn_regression", "pca_mds")
+    assert cfg.timeout == 5.0 and cfg.threads == 2 and cfg.out == Path("bench_out")
+    assert B.parse_args([f"data_dir={tmp_path}"]).threads >= 1  # null: the CPUs available
 
 
 def test_missing_data_dir_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     assert B.main([f"data_dir={tmp_path / 'absent'}", f"out={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: data_dir")
+    assert len(err) == 1 and err[0].startswith("dpvae: error: data_dir")
+
+
+@pytest.mark.parametrize("module", ["benchmarks.protocol", "benchmarks.solver_scaling"])
+def test_help_lists_the_yaml_keys_without_importing_torch_or_anndata(module: str) -> None:
+    code = (
+        f"import sys; from {module} import main; rc = main(['--help']); "
+        "heavy = [m for m in ('torch', 'anndata') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    keys = ("data_dir=", "methods=", "seeds=[0,1,2]", "threads=null")
+    if module.endswith("solver_scaling"):
+        keys = ("task=impute", "n=[10000,100000,1000000]", "threads=1")
+    for key in keys:
+        assert key in res.stdout
+
+
+def test_solver_scaling_checks_its_values() -> None:
+    from benchmarks import solver_scaling as S
+    from dpvae.config import load_config
+
+    def cfg(*args: str):
+        return load_config(list(args), conf_dir=S.CONF_DIR, root_file=S.ROOT_FILE)
+
+    assert S.config_from(cfg("n=100,200", "task=reconstruct")) == ("reconstruct", [100, 200], 1)
+    for args, needle in ((["task=solve"], "valid: impute, reconstruct"), (["n=0"], "n must")):
+        with pytest.raises(ConfigError, match=needle):
+            S.config_from(cfg(*args))
 
 
 def test_dataset_ids_and_default_pairs(tmp_path: Path) -> None:
@@ -240,17 +306,19 @@ def test_smoke_run_writes_csv_markdown_and_figures(tmp_path: Path) -> None:
     small[:400].copy().write_h5ad(data / "osmfish_mouse_sscortex.h5ad")
     small[400:].copy().write_h5ad(data / "osmfish_part2.h5ad")
     out = tmp_path / "out"
-    code = B.main(
-        [
-            f"data_dir={data}",
-            "tasks=impute,transfer",
-            "methods=knn_regression,pca_mds",
-            "seeds=0",
-            "datasets=osmfish_sscortex",
-            "pairs=osmfish_sscortex->osmfish_part2",
-            f"out={out}",
-            "threads=1",
-        ]
+    code = B.work(
+        B.compose(
+            [
+                f"data_dir={data}",
+                "tasks=impute,transfer",
+                "methods=knn_regression,pca_mds",
+                "seeds=0",
+                "datasets=osmfish_sscortex",
+                "pairs=osmfish_sscortex->osmfish_part2",
+                f"out={out}",
+                "threads=1",
+            ]
+        )
     )
     assert code == 0
     with (out / "results.csv").open() as fh:
