@@ -10,6 +10,7 @@ from __future__ import annotations
 from .best_weights import BestWeights
 from .checkpoint import RunCheckpoint
 from .early_stopping import WarmupEarlyStopping
+from .run_state import RunState
 from .spatial_validation import SpatialValidation
 
-__all__ = ["BestWeights", "RunCheckpoint", "SpatialValidation", "WarmupEarlyStopping"]
+__all__ = ["BestWeights", "RunCheckpoint", "RunState", "SpatialValidation", "WarmupEarlyStopping"]

@@ -45,6 +45,15 @@ class BestWeights(L.Callback):
             self.best, self.best_epoch = value, trainer.current_epoch
             self._state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints, so a resumed run restores the same best epoch."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self._state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict["best"])
+        self.best_epoch = int(state_dict["best_epoch"])
+        self._state = state_dict["weights"]
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is not None:
             with torch.no_grad():

@@ -108,39 +108,43 @@ and the logs; the same command again resumes an interrupted run.
 """
 
 
-def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
-    from dpvae.errors import ConfigError
-
-    existing = [p for p in (run_dir / "last.ckpt", run_dir / "model.ckpt") if p.exists()]
-    if not existing:
-        return None
-    if not resume:
-        raise ConfigError(
-            f"{run_dir} already holds {existing[0].name}; choose another run_dir, or resume=true "
-            "to continue that run"
-        )
-    return existing[0]
-
-
 def train_work(cfg: DictConfig) -> int:
-    """Train from a composed configuration, writing the run folder."""
+    """Train from a composed configuration, writing the run folder.
+
+    Everything that can refuse the run (a busy folder, a resume whose model or data differ, a
+    bad value) does so before the first file is written.
+    """
     import warnings
 
     from omegaconf import OmegaConf
 
     from dpvae import pipeline
     from dpvae.config import to_plain
+    from dpvae.io import write_text_atomic
     from dpvae.placement import EMBEDDING_FILE, embed_reference
+    from dpvae.run_folder import (
+        RunLock,
+        check_data,
+        check_resume,
+        checkpoint_to_resume,
+        read_record,
+    )
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
-    resume_from = _checkpoint_to_resume(run_dir, bool(cfg.resume))
+    plain = to_plain(cfg)
+    lock = RunLock(run_dir)
+    lock.check()
+    resume_from = checkpoint_to_resume(run_dir, bool(cfg.resume))
+    record = read_record(resume_from) if resume_from else {}
+    check_resume(record, plain, run_dir)
 
     def on_start(data: Any, logger: Any) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        check_data(record, data, run_dir, plain)
+        lock.acquire()
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         if logger:
-            logger.log_hyperparams(to_plain(cfg))
+            logger.log_hyperparams(plain)
         where = f"resuming from {resume_from}" if resume_from else "training"
         n_train, n_val = len(data.cells("train")), len(data.cells("val"))
         print(
@@ -149,13 +153,18 @@ def train_work(cfg: DictConfig) -> int:
             file=sys.stderr,
         )
 
-    done = pipeline.train(cfg, run_dir=run_dir, resume_from=resume_from, on_start=on_start)
-    if done.trainer.is_global_zero and cfg.embedding.write:
-        model = done.model.cpu()
-        embed_reference(model, done.data, cfg.embedding.batch_size).write(run_dir / EMBEDDING_FILE)
-        print(
-            f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}", file=sys.stderr
-        )
+    try:
+        done = pipeline.train(cfg, run_dir=run_dir, resume_from=resume_from, on_start=on_start)
+        if done.trainer.is_global_zero and cfg.embedding.write:
+            model = done.model.cpu()
+            embedding = embed_reference(model, done.data, cfg.embedding.batch_size)
+            embedding.write(run_dir / EMBEDDING_FILE)
+            print(
+                f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}",
+                file=sys.stderr,
+            )
+    finally:
+        lock.release()
     return 0
 
 

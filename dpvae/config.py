@@ -22,7 +22,6 @@ import importlib
 import os
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ from omegaconf.errors import OmegaConfBaseException
 from dpvae.errors import ConfigError
 
 ENV_CONFIG_PATH = "DPVAE_CONFIG_PATH"
-ENV_RUN_STAMP = "DPVAE_RUN_STAMP"
 ROOT_FILE = "train.yaml"
 
 
@@ -53,18 +51,45 @@ def config_roots(conf_dir: Path | None = None) -> list[Path]:
     return roots
 
 
-def _run_stamp() -> str:
-    """A run name shared by every process of one run (DDP re-executes the script per rank)."""
-    stamp = os.environ.get(ENV_RUN_STAMP)
-    if not stamp:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        os.environ[ENV_RUN_STAMP] = stamp
-    return stamp
+#: keys that do not change what a run computes, left out of the default run name
+RUN_NAME_IGNORES = ("run_dir", "resume", "threads", "trainer.enable_progress_bar", "logger")
 
 
-if not OmegaConf.has_resolver("run_stamp"):
-    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    _register("run_stamp", _run_stamp)
+def _run_name(*, _root_: Any) -> str:
+    """``REFERENCE-HASH``: the reference's name and a hash of the configuration's values.
+
+    The same command (same reference, same settings) gives the same run folder, so rerunning it
+    resumes; DDP's re-executed ranks agree without sharing anything.
+    """
+    import hashlib
+    import json
+
+    tree = OmegaConf.to_container(_root_, resolve=False)
+    assert isinstance(tree, dict)
+    for dotted in RUN_NAME_IGNORES:
+        node: Any = tree
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    stem = Path(str(data.get("reference", "run"))).name.removesuffix(".h5ad") or "run"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)[:40]}-{digest[:10]}"
+
+
+def _run_id(run_dir: Any) -> str:
+    """A stable id for a run folder (its absolute path's hash): a resumed run keeps its W&B run."""
+    import hashlib
+
+    path = str(Path(str(run_dir)).expanduser().resolve())
+    return hashlib.sha1(path.encode()).hexdigest()[:16]
+
+
+for _name, _fn in (("run_name", _run_name), ("run_id", _run_id)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def _is_group(path: Sequence[str], roots: Sequence[Path]) -> bool:

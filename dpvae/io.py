@@ -179,23 +179,64 @@ def align_genes(
     return out.astype(np.float32), int((~present).sum())
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` through a temporary file in the same folder and a rename.
+def _umask() -> int:
+    import os
 
-    An interrupted write never leaves a half-written file at ``path``, and an existing file there
-    is only replaced once the new one is complete.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_stale_temporaries(folder: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.PID.tmp`` files in ``folder`` left by writes whose process is gone."""
+    import os
+
+    removed = []
+    for tmp in folder.glob(f".{name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(name) + 2 : -4])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still writing
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _atomic(path: str | Path, write: Any) -> Path:
+    """Run ``write(tmp)`` on ``.NAME.PID.tmp`` beside ``path``, then rename it onto ``path``.
+
+    The result gets the permissions the umask allows (as a plain ``open`` would), a killed
+    earlier write's temporary file is cleaned up, and an existing ``path`` is only replaced once
+    the new file is complete.
     """
     import os
-    import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    clean_stale_temporaries(path.parent, path.name)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
-        adata.write_h5ad(tmp)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write ``adata`` to ``path`` atomically (see :func:`_atomic`)."""
+    return _atomic(path, lambda tmp: adata.write_h5ad(tmp))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`_atomic`)."""
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))

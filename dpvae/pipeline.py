@@ -132,11 +132,18 @@ def train(
         on_start: called as ``on_start(data, logger)`` on rank zero after setup, before training
             (the command line writes ``config.yaml`` and prints its first line there).
     """
+    from dpvae.callbacks import RunState
+    from dpvae.run_folder import fingerprint
+
     configure_process(cfg)
     data = build_datamodule(cfg, reference)
     model = build_model(cfg, data)
     logger = build_logger(cfg) if run_dir is not None else False
-    trainer = build_trainer(cfg, build_callbacks(cfg, run_dir is not None), logger, run_dir)
+    callbacks = build_callbacks(cfg, run_dir is not None)
+    for callback in callbacks:
+        if isinstance(callback, RunState):  # the run's record goes into every checkpoint
+            callback.set_record(to_plain(cfg), fingerprint(data))
+    trainer = build_trainer(cfg, callbacks, logger, run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     # before fit, ranks are known only from the launcher's environment (DDP re-runs the command)

@@ -1,0 +1,169 @@
+"""A training run's folder: what resumes, what is refused, and who may write it.
+
+- :func:`checkpoint_to_resume`: ``last.ckpt`` (or ``model.ckpt``) of an earlier run of the folder;
+- :func:`check_resume`: a resume whose model or data differ from the run's record stops with one line
+  naming the difference, before anything is written (the record is kept in every checkpoint by
+  :class:`dpvae.callbacks.RunState`);
+- :class:`RunLock`: one training per folder at a time (a lock file with the pid; a lock left by a
+  process that no longer runs is taken over).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpvae.errors import ConfigError
+
+LOCK_FILE = ".lock"
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint an interrupted run continues from, or ``None`` for a new run.
+
+    Raises:
+        ConfigError: the folder holds a run and ``resume`` is false.
+    """
+    existing = [p for p in (run_dir / "last.ckpt", run_dir / "model.ckpt") if p.exists()]
+    if not existing:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds {existing[0].name}; choose another run_dir, or resume=true "
+            "to continue that run"
+        )
+    return existing[0]
+
+
+def fingerprint(data: Any) -> str:
+    """A hash of the reference a run trains on: its cells, positions and fitted preprocessing."""
+    cells = data.cells("all")
+    h = hashlib.sha1()
+    h.update(json.dumps(data.preprocessor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(cells.coords, dtype=np.float64).tobytes())
+    h.update("\0".join(map(str, cells.names)).encode())
+    return h.hexdigest()
+
+
+def read_record(checkpoint: Path) -> dict[str, Any]:
+    """The run record saved in a checkpoint (empty for a checkpoint without one).
+
+    Raises:
+        ConfigError: the file is not a readable checkpoint.
+    """
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign or unsafe: one line, never torch's advice
+        raise ConfigError(
+            f"{checkpoint} cannot be read as a dpvae checkpoint ({type(exc).__name__}); move it "
+            "away or choose another run_dir"
+        ) from None
+    states = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else {}
+    for key, state in states.items():
+        if "RunState" in str(key) and isinstance(state, dict):
+            return dict(state.get("record") or {})
+    return {}
+
+
+def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if old == new else (path, old, new)
+
+
+def check_resume(record: dict[str, Any], config: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume when the command's model differs from the run's (before any write).
+
+    Raises:
+        ConfigError: naming the first differing key, its two values and the fix.
+    """
+    if not record:
+        return
+    found = _first_difference(record.get("config", {}).get("model"), config.get("model"), "model")
+    if found:
+        key, was, now = found
+        raise ConfigError(
+            f"cannot resume {run_dir}: {key} is {was!r} in that run but {now!r} in this command; "
+            f"use the run's value or another run_dir"
+        )
+
+
+def check_data(record: dict[str, Any], data: Any, run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume on other reference data than the run's (before any write)."""
+    if record.get("fingerprint") and record["fingerprint"] != fingerprint(data):
+        was = record.get("config", {}).get("data", {}).get("reference")
+        now = config.get("data", {}).get("reference")
+        where = f" (data.reference {was!r} then, {now!r} now)" if was != now else ""
+        raise ConfigError(
+            f"cannot resume {run_dir}: the reference data differ from that run's{where}; "
+            "give the run's data or another run_dir"
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """``run_dir/.lock`` holding this process's pid while it trains.
+
+    Raises (on :meth:`acquire`):
+        ConfigError: another live process holds the folder.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def holder(self) -> int | None:
+        """The pid of a live process holding the lock, if any."""
+        try:
+            pid = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if pid != os.getpid() and _alive(pid) else None
+
+    def check(self) -> None:
+        """Raise if the folder is busy (reads only)."""
+        pid = self.holder()
+        if pid is not None:
+            raise ConfigError(
+                f"{self.path.parent} is in use by training process {pid}; wait for it to finish, "
+                "stop it, or choose another run_dir"
+            )
+
+    def acquire(self) -> None:
+        self.check()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # stale: its process is gone
+            self.path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            self.check()
+            raise ConfigError(f"{self.path.parent} is in use by another training") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

@@ -1,0 +1,75 @@
+"""Exact resume: a training killed with SIGKILL and started again ends where an uninterrupted one
+does (same weights, same embedding.h5ad), with one CSV log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(data: Path, run_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"data.reference={data}",
+        f"run_dir={run_dir}",
+        "logger=csv",
+        "trainer.max_epochs=8",
+        "model.warmup_epochs=2",
+        "callbacks.spatial.every_n_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def _epoch(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # not there yet, or being written
+        return -1
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(
+    osmfish_small: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_command(osmfish_small, whole), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_command(osmfish_small, killed), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _epoch(killed / "model.ckpt") < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = _epoch(killed / "model.ckpt")
+    assert 3 <= stopped_at < 7 and not (killed / "embedding.h5ad").exists()
+
+    rerun = subprocess.run(_command(osmfish_small, killed), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+
+    a, b = _weights(whole / "model.ckpt"), _weights(killed / "model.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    emb_a, emb_b = ad.read_h5ad(whole / "embedding.h5ad"), ad.read_h5ad(killed / "embedding.h5ad")
+    np.testing.assert_array_equal(emb_a.X, emb_b.X)
+    assert sorted(p.name for p in (killed / "csv").iterdir()) == ["version_0"]  # one log
+    assert not (killed / ".lock").exists()
