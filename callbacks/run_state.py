@@ -11,7 +11,7 @@ import torch
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global generator is the state
+    np_state: Any = np.random.get_state()  # noqa: NPY002 - the legacy global generator is the state
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

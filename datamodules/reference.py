@@ -11,13 +11,14 @@ from typing import Any
 import anndata as ad
 import lightning as L
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpvae.contracts import Cells, Split
-from dpvae.errors import ConfigError, DataError
+from dpvae.errors import ConfigError, DataError, DPVAEWarning, require
 from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
 from dpvae.preprocess import Preprocessor, fit_preprocessor, scan_matrix
 
@@ -186,6 +187,21 @@ class ReferenceDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 2:
             raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
+        for name, value, low in (
+            ("n_genes", n_genes, 0),
+            ("n_pcs", n_pcs, 0),
+            ("neighbour_pcs", neighbour_pcs, 0),
+            ("n_neighbours", n_neighbours, 1),
+            ("min_cells", min_cells, 3),
+            ("chunk_size", chunk_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            require(value >= low, f"data.{name} must be at least {low}, got {value}")
+        require(
+            backed_threshold_mb >= 0,
+            f"data.backed_threshold_mb must be 0 or more, got {backed_threshold_mb}",
+        )
+        require(bool(spatial_key), "data.spatial_key must name an obsm key, e.g. spatial")
         self.reference = reference
         self.spatial_key = spatial_key
         self.layer = layer
@@ -237,6 +253,15 @@ class ReferenceDataModule(L.LightningDataModule):
         coords = get_coordinates(adata, self.spatial_key)
         matrix = get_matrix(adata, self.layer)
         cell_names = np.asarray(adata.obs_names).astype(str)
+        if len(set(cell_names)) < len(cell_names):
+            repeated = len(cell_names) - len(set(cell_names))
+            cell_names = np.asarray(ad.utils.make_index_unique(pd.Index(cell_names)))
+            warnings.warn(
+                f"{repeated} reference cell names are repeated; made unique with a -1, -2 ... "
+                "suffix",
+                DPVAEWarning,
+                stacklevel=2,
+            )
 
         finite = np.all(np.isfinite(coords), axis=1)
         if not finite.all():
@@ -275,6 +300,14 @@ class ReferenceDataModule(L.LightningDataModule):
                 )
         normalize = self._flag(self.normalize, count_data, "normalize")
         log1p = self._flag(self.log1p, minimum >= 0, "log1p")
+        if minimum < 0 and self.normalize == "auto" and self.log1p == "auto":
+            warnings.warn(
+                f"the expression holds negative values (min {minimum:g}): taken as already "
+                "normalised, so no total-count normalisation or log1p; point data.layer at raw "
+                "counts if that is wrong",
+                DPVAEWarning,
+                stacklevel=2,
+            )
 
         n = len(rows)
         n_val = int(round(self.val_fraction * n))

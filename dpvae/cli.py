@@ -218,7 +218,7 @@ def predict_work(cfg: DictConfig) -> int:
     import warnings
 
     from dpvae.api import load
-    from dpvae.errors import DataError
+    from dpvae.errors import DataError, DPVAEWarning
     from dpvae.io import read_h5ad, write_h5ad_atomic
 
     query_path, output = _check_predict(cfg)
@@ -238,9 +238,10 @@ def predict_work(cfg: DictConfig) -> int:
             n_iter=cfg.n_iter,
             expression_weight=cfg.expression_weight,
             align_query=cfg.align_query,
+            allow_missing_genes=cfg.allow_missing_genes,
         )
     for w in caught:
-        if "genes are missing" in str(w.message):
+        if issubclass(w.category, DPVAEWarning):
             print(f"dpvae: warning: {w.message}", file=sys.stderr)
     write_h5ad_atomic(out, output)
     print(f"dpvae: wrote {output} ({out.n_obs} cells, mode={out.uns['dpvae']['mode']})")

@@ -74,7 +74,7 @@ def _run_name(*, _root_: Any) -> str:
         if isinstance(node, dict):
             node.pop(last, None)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
-    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    data: Any = tree.get("data") if isinstance(tree.get("data"), dict) else {}
     stem = Path(str(data.get("reference", "run"))).name.removesuffix(".h5ad") or "run"
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)[:40]}-{digest[:10]}"
 

@@ -18,3 +18,14 @@ class ConfigError(DPVAEError):
 
 class DataError(DPVAEError):
     """A data file that cannot be used as it is."""
+
+
+class DPVAEWarning(UserWarning):
+    """Doubtful input that dpvae goes on with; the commands print it as one ``dpvae: warning:``
+    line."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``ok`` (a value's range check)."""
+    if not ok:
+        raise ConfigError(message)

@@ -110,8 +110,21 @@ class DPVAE(L.LightningModule):
                 "distance_on": str(distance_on),
             }
         )
-        if distance_on not in ("mean", "sample"):
-            raise ValueError(f"distance_on must be 'mean' or 'sample', got {distance_on!r}")
+        from dpvae.errors import require
+
+        require(
+            distance_on in ("mean", "sample"),
+            f"model.distance_on must be mean or sample, got {distance_on!r}",
+        )
+        require(latent_dim >= 1, f"model.latent_dim must be at least 1, got {latent_dim}")
+        for name, value in (
+            ("beta", beta),
+            ("alpha", alpha),
+            ("lr", lr),
+            ("weight_decay", weight_decay),
+        ):
+            require(value >= 0, f"model.{name} must be 0 or more, got {value}")
+        require(warmup_epochs >= 0, f"model.warmup_epochs must be 0 or more, got {warmup_epochs}")
         self.preprocessor = Preprocessor.from_dict(pre.to_dict())
         self.transform = ExpressionTransform.from_preprocessor(pre)
         self.likelihood: Likelihood = instantiate(specs["likelihood"], n_genes=n_genes)

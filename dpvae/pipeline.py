@@ -30,6 +30,13 @@ def configure_process(cfg: DictConfig) -> None:
     import lightning as L
     import torch
 
+    from dpvae.errors import require
+
+    require(
+        cfg.threads is None or cfg.threads >= 1,
+        f"threads must be 1 or more (or null), got {cfg.threads}",
+    )
+    require(cfg.seed >= 0, f"seed must be 0 or more, got {cfg.seed}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -100,9 +107,11 @@ def build_trainer(
         kwargs.update(enable_checkpointing=False, logger=False)
     else:
         kwargs.update(logger=logger, default_root_dir=str(run_dir))
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         return L.Trainer(**kwargs, callbacks=callbacks)
-    except (TypeError, ValueError) as exc:  # Lightning's own argument checks
+    except (TypeError, ValueError, MisconfigurationException) as exc:  # Lightning's own checks
         raise ConfigError(f"bad trainer setting: {exc}".replace("\n", " ")) from exc
 
 

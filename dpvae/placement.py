@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpvae.errors import DataError
+from dpvae.errors import DataError, DPVAEWarning
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -286,23 +286,51 @@ def embed_reference(
 
 # -------------------------------------------------------------------- AnnData in, coords out
 def encode(
-    model: DPVAE, adata: ad.AnnData, layer: str | None = None, batch_size: int = 4096
+    model: DPVAE,
+    adata: ad.AnnData,
+    layer: str | None = None,
+    batch_size: int = 4096,
+    allow_missing_genes: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Latent codes and expression PCs of ``adata``'s cells, genes matched to the model's by name.
 
-    Missing genes are zero-filled with a warning that says how many. Returns
-    (latent, expression PCs or ``None``, number of missing genes).
+    Missing genes are zero-filled with a warning that says how many; more than half of them
+    missing is an error unless ``allow_missing_genes``. Values the model would log-transform or
+    normalise must not be negative. Returns (latent, expression PCs or ``None``, number of
+    missing genes).
+
+    Raises:
+        DataError: no shared gene, too many missing, or negative values where counts belong.
     """
     from dpvae.io import align_genes
 
     raw, missing = align_genes(adata, model.genes, layer=layer)
+    n_genes = len(model.genes)
+    if missing > n_genes / 2 and not allow_missing_genes:
+        raise DataError(
+            f"the query lacks {missing} of the model's {n_genes} genes, too many to place its "
+            "cells well; check the gene ids, or pass allow_missing_genes=true to go on"
+        )
     if missing:
         warnings.warn(
-            f"{missing} of the model's {len(model.genes)} genes are missing from the query; "
+            f"{missing} of the model's {n_genes} genes are missing from the query; "
             "they are filled with zeros",
+            DPVAEWarning,
             stacklevel=2,
         )
+    pre = model.preprocessor
+    low = float(raw.min()) if raw.nnz else 0.0
+    if low < 0 and (pre.normalize or pre.log1p):
+        raise DataError(
+            f"the query holds negative values (min {low:g}) but the model was trained on counts "
+            "it normalises and log-transforms; give the query's raw counts (layer=...)"
+        )
     latent, pcs = model.embed(raw, batch_size=batch_size, with_pcs=True)
+    empty = np.asarray(raw.sum(axis=1)).ravel() == 0
+    if empty.any():
+        latent[empty] = np.nan
+        if pcs is not None:
+            pcs[empty] = np.nan
     return latent, pcs, missing
 
 
@@ -357,7 +385,10 @@ class Prediction:
     info: dict[str, Any]
 
     def write_to(self, adata: ad.AnnData) -> None:
-        """Store in ``adata``: ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']``, ``uns['dpvae']``."""
+        """Store in ``adata``: ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']``, ``uns['dpvae']``
+        (repeated cell names are made unique)."""
+        if not adata.obs_names.is_unique:
+            adata.obs_names_make_unique()
         adata.obsm["spatial_dpvae"] = self.coords
         adata.obsm["X_dpvae"] = self.latent
         adata.uns["dpvae"] = self.info
@@ -375,6 +406,7 @@ def predict(
     expression_weight: float = EXPRESSION_WEIGHT,
     align_query: bool = False,
     seed: int = 0,
+    allow_missing_genes: bool = False,
 ) -> Prediction:
     """Coordinates of the query's cells, in the reference's frame (impute) or up to rigid motion.
 
@@ -393,34 +425,71 @@ def predict(
         raise DataError("the query has no cells; give a file with at least one cell")
     if isinstance(k, bool) or int(k) < 1:
         raise DataError(f"k must be a positive integer, got {k!r}")
+    if not query.obs_names.is_unique:
+        repeated = query.n_obs - query.obs_names.nunique()
+        warnings.warn(
+            f"{repeated} query cell names are repeated; the output makes them unique",
+            DPVAEWarning,
+            stacklevel=2,
+        )
     pre = model.preprocessor
     if mode == "impute":
         ref = resolve_reference(model, reference, spatial_key)
-        latent, pcs, _ = encode(model, query, layer)
-        std = place(
-            latent,
-            ref.search_latent(),
-            pre.coords_to_model(ref.coords),
-            query_pcs=pcs,
-            ref_pcs=ref.pcs,
-            scale=model.scale_value(),
-            k=k,
-            n_iter=n_iter,
-            expression_weight=expression_weight,
-            align_query=align_query,
-        )
-        coords = pre.coords_from_model(std.cpu().numpy())
+        if k > len(ref):
+            warnings.warn(
+                f"k={k} is more than the {len(ref)} reference cells; using {len(ref)}",
+                DPVAEWarning,
+                stacklevel=2,
+            )
+        if ref.names is not None and ref.in_sample is not None:
+            overlap = int(np.isin(np.asarray(query.obs_names).astype(str), ref.names).sum())
+            if overlap:
+                warnings.warn(
+                    f"{overlap} of the {query.n_obs} query cells are reference cells of this run "
+                    "(same names): their placements and scores are in-sample, not held out",
+                    DPVAEWarning,
+                    stacklevel=2,
+                )
+        latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
+        empty = np.isnan(latent).any(axis=1)
+        std = np.full((len(latent), pre.spatial_dim), np.nan)
+        if (~empty).any():
+            placed = place(
+                latent[~empty],
+                ref.search_latent(),
+                pre.coords_to_model(ref.coords),
+                query_pcs=None if pcs is None else pcs[~empty],
+                ref_pcs=ref.pcs,
+                scale=model.scale_value(),
+                k=k,
+                n_iter=n_iter,
+                expression_weight=expression_weight,
+                align_query=align_query,
+            )
+            std[~empty] = placed.cpu().numpy()
+        coords = pre.coords_from_model(std)
     else:
-        latent, _, _ = encode(model, query, layer)
-        if len(latent) < 3:
-            raise DataError("reconstruct needs at least 3 query cells; use mode=impute")
+        latent, _, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
+        empty = np.isnan(latent).any(axis=1)
+        if int((~empty).sum()) < 3:
+            raise DataError(
+                "reconstruct needs at least 3 query cells with expression; use mode=impute"
+            )
+        coords = np.full((len(latent), pre.spatial_dim), np.nan)
         std = reconstruct(
-            torch.as_tensor(latent, dtype=torch.float64),
+            torch.as_tensor(latent[~empty], dtype=torch.float64),
             pre.spatial_dim,
             model.scale_value(),
             seed=seed,
         )
-        coords = std.numpy() * pre.coord_scale
+        coords[~empty] = std.numpy() * pre.coord_scale
+    if empty.any():
+        warnings.warn(
+            f"{int(empty.sum())} query cells have no expression of the model's genes; their "
+            "coordinates are NaN and they are left out of the scores",
+            DPVAEWarning,
+            stacklevel=2,
+        )
     shared = set(map(str, query.var_names))
     info: dict[str, Any] = {
         "checkpoint": str(getattr(model, "checkpoint_path", "") or ""),
@@ -428,12 +497,13 @@ def predict(
         "genes": model.genes,
         "n_genes_missing": int(sum(g not in shared for g in model.genes)),
         "lambda": model.scale_value(),
+        "n_cells_without_expression": int(empty.sum()),
     }
     if spatial_key in query.obsm and len(coords) >= 3:
         from dpvae.io import get_coordinates
 
         truth = get_coordinates(query, spatial_key)
-        finite = np.all(np.isfinite(truth), axis=1)
+        finite = np.all(np.isfinite(truth), axis=1) & ~empty
         if finite.sum() >= 3:
             task = "impute" if mode == "impute" else "transfer"
             nn = pre.ref_nn_distance if task == "impute" else None

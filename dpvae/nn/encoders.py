@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dpvae.errors import require
 from dpvae.nn.mlp import mlp, out_width
 
 
@@ -56,6 +57,8 @@ class MLPEncoder(Encoder):
         input_dropout: float = 0.3,
     ) -> None:
         super().__init__(n_input, n_latent)
+        require(0.0 <= input_dropout < 1.0, f"input_dropout must be in [0, 1), got {input_dropout}")
+        require(logvar_clamp > 0, f"logvar_clamp must be positive, got {logvar_clamp}")
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
         self.body = mlp(n_input, hidden, dropout, norm, activation)
         width = out_width(n_input, hidden)
