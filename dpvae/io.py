@@ -102,9 +102,13 @@ def get_coordinates(adata: ad.AnnData, key: str = "spatial") -> np.ndarray:
 def get_matrix(adata: ad.AnnData, layer: str | None = None) -> Any:
     """The expression matrix to use: ``X`` or ``layers[layer]`` (possibly backed)."""
     if layer is None:
-        if adata.X is None:
+        try:
+            matrix = adata.X
+        except KeyError:  # a backed file written without X
+            matrix = None
+        if matrix is None:
             raise DataError("the file has no expression matrix X; store expression in X or a layer")
-        return adata.X
+        return matrix
     if layer not in adata.layers:
         have = ", ".join(sorted(adata.layers.keys())) or "none"
         raise DataError(

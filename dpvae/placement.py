@@ -476,13 +476,13 @@ def predict(
                 "reconstruct needs at least 3 query cells with expression; use mode=impute"
             )
         coords = np.full((len(latent), pre.spatial_dim), np.nan)
-        std = reconstruct(
+        layout = reconstruct(
             torch.as_tensor(latent[~empty], dtype=torch.float64),
             pre.spatial_dim,
             model.scale_value(),
             seed=seed,
         )
-        coords[~empty] = std.numpy() * pre.coord_scale
+        coords[~empty] = layout.numpy() * pre.coord_scale
     if empty.any():
         warnings.warn(
             f"{int(empty.sum())} query cells have no expression of the model's genes; their "
