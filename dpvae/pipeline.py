@@ -158,5 +158,15 @@ def train(
     # before fit, ranks are known only from the launcher's environment (DDP re-runs the command)
     if on_start is not None and getattr(rank_zero_only, "rank", 0) == 0:
         on_start(data, logger)
-    trainer.fit(model, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(
+            model,
+            datamodule=data,
+            ckpt_path=str(resume_from) if resume_from else None,
+            weights_only=True,  # checkpoints hold plain data: never unpickle code
+        )
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its shutdown
+            raise KeyboardInterrupt from None
+        raise
     return Trained(model=model, data=data, trainer=trainer)

@@ -73,3 +73,25 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(
     np.testing.assert_array_equal(emb_a.X, emb_b.X)
     assert sorted(p.name for p in (killed / "csv").iterdir()) == ["version_0"]  # one log
     assert not (killed / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_exits_130(osmfish_small: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _command(osmfish_small, run_dir),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while _epoch(run_dir / "model.ckpt") < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("dpvae:")]
+    assert lines[-1] == "dpvae: interrupted; run the same command again to resume"
+    assert "Traceback" not in err and not (run_dir / ".lock").exists()
