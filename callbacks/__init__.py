@@ -10,7 +10,15 @@ from __future__ import annotations
 from .best_weights import BestWeights
 from .checkpoint import RunCheckpoint
 from .early_stopping import WarmupEarlyStopping
+from .report import Report
 from .run_state import RunState
 from .spatial_validation import SpatialValidation
 
-__all__ = ["BestWeights", "RunCheckpoint", "RunState", "SpatialValidation", "WarmupEarlyStopping"]
+__all__ = [
+    "BestWeights",
+    "Report",
+    "RunCheckpoint",
+    "RunState",
+    "SpatialValidation",
+    "WarmupEarlyStopping",
+]

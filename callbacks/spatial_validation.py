@@ -70,6 +70,8 @@ class SpatialValidation(L.Callback):
         self.expression_weight = expression_weight
         self.scores: SpatialScores | None = None
         self.distortion: LatentDistortion | None = None
+        #: (epoch, scores) of the latest validation it scored (read by the Report callback)
+        self.latest: tuple[int, dict[str, float]] | None = None
 
     METRICS = (
         "dist_pearson",
@@ -155,3 +157,4 @@ class SpatialValidation(L.Callback):
         self.distortion.reset()
         for name, value in values.items():
             pl_module.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        self.latest = (trainer.current_epoch, {k: float(v) for k, v in values.items()})

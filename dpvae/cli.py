@@ -10,6 +10,7 @@ key and its default before anything heavy is imported, and turns a user's mistak
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,30 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def quiet_output(verbose: bool) -> None:
+    """What a command shows: dpvae's own warnings as one ``dpvae: warning:`` line each; other
+    libraries' warnings, Lightning's info lines and W&B's messages only with ``verbose``."""
+    import logging
+    import os
+
+    from dpvae.errors import DPVAEWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, DPVAEWarning):
+            print(f"dpvae: warning: {message}".replace("\n", " "), file=sys.stderr)
+        elif verbose:
+            shown(message, category, *args, **kwargs)
+
+    warnings.simplefilter("default")
+    warnings.showwarning = show
+    if not verbose:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def error(message: str) -> None:
     """Print a user error as one line on stderr."""
     print(f"dpvae: error: {message}".replace("\n", " "), file=sys.stderr)
@@ -91,7 +116,11 @@ def run_command(
 
             raise ConfigError(f"{prog} takes no added keys ({added[0]}); --help lists its keys")
         cfg = load_config(args, conf_dir=conf_dir, root_file=root_file)
-        return int(work(cfg) or 0)
+        if argv is not None:  # called from Python (tests): leave warnings and logs alone
+            return int(work(cfg) or 0)
+        with warnings.catch_warnings():
+            quiet_output(bool(cfg.get("verbose", False)))
+            return int(work(cfg) or 0)
     except DPVAEError as exc:
         error(str(exc))
         return 2
@@ -133,8 +162,11 @@ def train_work(cfg: DictConfig) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     plain = to_plain(cfg)
+    from lightning.pytorch.utilities import rank_zero_only
+
     lock = RunLock(run_dir)
-    lock.check()
+    if getattr(rank_zero_only, "rank", 0) == 0:  # DDP's other ranks run under rank 0's lock
+        lock.check()
     resume_from = checkpoint_to_resume(run_dir, bool(cfg.resume))
     record = read_record(resume_from) if resume_from else {}
     check_resume(record, plain, run_dir)
@@ -160,9 +192,16 @@ def train_work(cfg: DictConfig) -> int:
             embedding = embed_reference(model, done.data, cfg.embedding.batch_size)
             embedding.write(run_dir / EMBEDDING_FILE)
             print(
-                f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}",
+                f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}"
+                + (", training.png" if (run_dir / "training.png").exists() else ""),
                 file=sys.stderr,
             )
+            if (run_dir / "wandb").is_dir():
+                print(
+                    f"dpvae: W&B run saved offline; upload it with: wandb sync "
+                    f"{run_dir / 'wandb'}/offline-run-*",
+                    file=sys.stderr,
+                )
     finally:
         lock.release()
     return 0
@@ -247,7 +286,9 @@ def predict_work(cfg: DictConfig) -> int:
     print(f"dpvae: wrote {output} ({out.n_obs} cells, mode={out.uns['dpvae']['mode']})")
     scores = out.uns["dpvae"].get("scores")
     if scores:
-        print("dpvae: scores " + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+        from dpvae.callbacks.report import score_line
+
+        print("dpvae: scores against the query's true coordinates: " + score_line(scores))
     if cfg.plot:
         from dpvae.plotting import plot_prediction
 

@@ -87,9 +87,21 @@ def _run_id(run_dir: Any) -> str:
     return hashlib.sha1(path.encode()).hexdigest()[:16]
 
 
-for _name, _fn in (("run_name", _run_name), ("run_id", _run_id)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)
+def _register(name: str, fn: Any) -> None:
+    import omegaconf
+
+    major_minor = tuple(int(p) for p in omegaconf.__version__.split(".")[:2])
+    # omegaconf 2.4 renamed register_new_resolver to register_resolver (2.3's register_resolver
+    # is the legacy string-only API)
+    register = (
+        OmegaConf.register_resolver if major_minor >= (2, 4) else OmegaConf.register_new_resolver
+    )
+    if not OmegaConf.has_resolver(name):
+        register(name, fn)
+
+
+_register("run_name", _run_name)
+_register("run_id", _run_id)
 
 
 def _is_group(path: Sequence[str], roots: Sequence[Path]) -> bool:

@@ -74,7 +74,8 @@ def build_model(cfg: DictConfig, data: ReferenceData) -> DPVAE:
 
 
 def build_callbacks(cfg: DictConfig, write_files: bool = True) -> list[Any]:
-    """The ``callbacks`` section (null entries skipped; checkpoints only when writing files)."""
+    """The ``callbacks`` section (null entries skipped; checkpoints, and callbacks whose class
+    says ``writes_files``, only when writing files)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = []
@@ -82,7 +83,10 @@ def build_callbacks(cfg: DictConfig, write_files: bool = True) -> list[Any]:
         if spec is None or not spec.get("_target_"):
             continue
         cls = locate(spec._target_)
-        if not write_files and isinstance(cls, type) and issubclass(cls, ModelCheckpoint):
+        writes = isinstance(cls, type) and (
+            issubclass(cls, ModelCheckpoint) or getattr(cls, "writes_files", False)
+        )
+        if writes and not write_files:
             continue
         out.append(instantiate(spec))
     return out
@@ -99,9 +103,16 @@ def build_trainer(
     cfg: DictConfig, callbacks: list[Any], logger: Any = False, run_dir: Path | None = None
 ) -> L.Trainer:
     """``lightning.Trainer`` from ``cfg.trainer``; without ``run_dir`` it writes nothing."""
+    import sys
+
     import lightning as L
 
     kwargs = to_plain(cfg.trainer)
+    verbose = bool(cfg.get("verbose", False))
+    if kwargs.get("enable_progress_bar") is None:  # auto: a bar on a terminal, lines in a log
+        kwargs["enable_progress_bar"] = verbose or sys.stderr.isatty()
+    if kwargs.get("enable_model_summary") is None:
+        kwargs["enable_model_summary"] = verbose
     if run_dir is None:
         kwargs.update(enable_progress_bar=False, enable_model_summary=False)
         kwargs.update(enable_checkpointing=False, logger=False)

@@ -16,7 +16,7 @@ FOLDERS = {"dpvae": ROOT / "dpvae", "dpvae.datamodules": ROOT / "datamodules"}
 FOLDERS["dpvae.callbacks"] = ROOT / "callbacks"
 # the package's __init__ re-exports the API lazily: a front end (importing a submodule imports it
 # as the parent, which is not counted)
-FRONT = {"dpvae", "dpvae.pipeline", "dpvae.api", "dpvae.cli", "dpvae.predict", "dpvae.plotting"}
+FRONT = {"dpvae", "dpvae.pipeline", "dpvae.api", "dpvae.cli", "dpvae.predict"}
 FRONT |= {"dpvae.run_folder"}
 WINGS = ("dpvae.datamodules", "dpvae.callbacks")
 
