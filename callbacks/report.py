@@ -62,11 +62,9 @@ class Report(L.Callback):
     def _say(self, trainer: L.Trainer, text: str) -> None:
         if not trainer.is_global_zero:
             return
-        bar = getattr(trainer, "progress_bar_callback", None)
-        if bar is not None and hasattr(bar, "print") and trainer.state.stage is not None:
-            bar.print(f"dpvae: {text}")
-        else:
-            print(f"dpvae: {text}", file=sys.stderr, flush=True)
+        from tqdm import tqdm  # Lightning's progress bar: write above it, never through it
+
+        tqdm.write(f"dpvae: {text}", file=sys.stderr)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warmup = int(pl_module.hparams.get("warmup_epochs", 0))
