@@ -341,3 +341,14 @@ def test_smoke_run_writes_csv_markdown_and_figures(tmp_path: Path) -> None:
         "transfer__osmfish_sscortex__to__osmfish_part2.png",
     ]
     assert (out / "figures" / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_identity_units_and_their_errors(tmp_path: Path) -> None:
+    from benchmarks import identity
+
+    assert identity._unit("osmfish_sscortex:impute:2") == ("osmfish_sscortex", "", "impute", 2)
+    assert identity._unit("a->b:transfer:0") == ("a", "b", "transfer", 0)
+    with pytest.raises(ConfigError, match="a unit is"):
+        identity._unit("osmfish")
+    assert identity.main(["units=osmfish:impute", f"out={tmp_path / 'x.npz'}"]) == 2
+    assert not (tmp_path / "x.npz").exists()
