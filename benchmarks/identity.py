@@ -81,12 +81,13 @@ def work(cfg: DictConfig) -> int:
     for key, value in new.items():
         if key not in old:
             print(f"{key}: not in {cfg.compare}")
+            differs = True
             continue
-        gap = (
-            float(np.nanmax(np.abs(old[key] - value))) if old[key].shape == value.shape else np.inf
-        )
-        differs |= gap != 0.0
-        print(f"{key}: largest difference {gap:g}")
+        shaped = old[key].shape == value.shape
+        same = shaped and np.array_equal(old[key], value, equal_nan=True)
+        gap = float(np.nanmax(np.abs(old[key] - value))) if shaped else np.inf
+        differs |= not same
+        print(f"{key}: " + ("identical" if same else f"differs (largest difference {gap:g})"))
     return 1 if differs else 0
 
 

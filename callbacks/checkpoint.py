@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -40,3 +41,16 @@ class RunCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
             auto_insert_metric_name=False,
         )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Lightning writes last.ckpt only in epochs whose monitored value improved; a resume must
+        # start from the latest epoch, so write it every epoch the top-k check ran
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer)
+            and (trainer.current_epoch + 1) % max(self._every_n_epochs, 1) == 0
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

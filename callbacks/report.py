@@ -10,6 +10,8 @@ from typing import Any
 
 import lightning as L
 
+from dpvae.metrics import format_scores
+
 #: per-epoch values recorded, as logged (``_epoch`` suffixes of step-and-epoch logs removed)
 CURVES = {
     "train/loss": "train/loss_epoch",
@@ -20,19 +22,6 @@ CURVES = {
     "val/loss": "val/loss",
 }
 SPATIAL = ("dist_pearson", "knn10", "median_error", "distortion_p95_p5")
-
-
-def score_line(scores: dict[str, float]) -> str:
-    """``dist_pearson 0.612  knn10 0.081  median_error 1.9 cell spacings ...`` (units stated)."""
-    parts = []
-    for name, value in scores.items():
-        if name in ("median_error", "procrustes_rmse"):
-            parts.append(f"{name} {value:.2f} cell spacings")
-        elif name.startswith("distortion"):
-            parts.append(f"{name} {value:.2f}")
-        else:
-            parts.append(f"{name} {value:.3f}")
-    return "  ".join(parts)
 
 
 class Report(L.Callback):
@@ -69,7 +58,10 @@ class Report(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         warmup = int(pl_module.hparams.get("warmup_epochs", 0))
         alpha = float(pl_module.hparams.get("alpha", 0.0))
-        if warmup and trainer.current_epoch == warmup and alpha > 0:
+        from dpvae.regularizers import NoRegularizer
+
+        plain = isinstance(getattr(pl_module, "regularizer", None), NoRegularizer)
+        if warmup and trainer.current_epoch == warmup and alpha > 0 and not plain:
             self._say(
                 trainer,
                 f"epoch {warmup + 1}: the distance regularizer switches on (weight {alpha:g}) "
@@ -107,7 +99,7 @@ class Report(L.Callback):
         if "train/lambda" in row:
             text += f"  lambda {row['train/lambda']:.3g}"
         if spatial:
-            text += "  | val " + score_line(spatial)
+            text += "  | val " + format_scores(spatial)
         self._say(trainer, text)
 
     def summary(self) -> str:
@@ -120,7 +112,7 @@ class Report(L.Callback):
         text = (
             f"{len(self.history)} epochs; val dist_pearson best {best['val/dist_pearson']:.3f} "
             f"(epoch {int(best['epoch']) + 1}), last {last['val/dist_pearson']:.3f}; last: "
-            + score_line(
+            + format_scores(
                 {
                     k[4:]: v
                     for k, v in last.items()

@@ -271,7 +271,9 @@ class ReferenceDataModule(L.LightningDataModule):
                     f"{bad} cells have non-finite coordinates in obsm['{self.spatial_key}']; "
                     "remove them or set data.drop_nonfinite=true"
                 )
-            warnings.warn(f"dropping {bad} cells with non-finite coordinates", stacklevel=2)
+            warnings.warn(
+                f"dropping {bad} cells with non-finite coordinates", DPVAEWarning, stacklevel=2
+            )
         gene_mask = blank_feature_mask(adata.var_names)
         if not gene_mask.any():
             raise DataError("no genes left after dropping Blank* control features")

@@ -28,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from dpvae import api
 
         return getattr(api, name)
+    if name in ("data", "plotting", "metrics"):  # submodules a user reaches for
+        import importlib
+
+        return importlib.import_module(f"dpvae.{name}")
     raise AttributeError(f"module 'dpvae' has no attribute {name!r}")

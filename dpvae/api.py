@@ -155,6 +155,40 @@ class Model:
         return folder
 
 
+class _quiet_lightning:
+    """Within ``with``: Lightning's info lines (devices, tips, "fit stopped") and its internal
+    warnings hidden, unless ``verbose``; dpvae's own warnings still show."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.levels: dict[str, int] = {}
+
+    def __enter__(self) -> None:
+        import logging
+        import warnings
+
+        if self.verbose:
+            return
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        names = ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero")
+        for name in names:
+            logger = logging.getLogger(name)
+            self.levels[name] = logger.level
+            logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: Any) -> None:
+        import logging
+
+        if self.verbose:
+            return
+        for name, level in self.levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._warnings.__exit__(*exc)
+
+
 def _as_reference(reference: ad.AnnData | str | Path) -> Any:
     """An AnnData stays in memory; a path is read by the datamodule (backed when large)."""
     return reference if not isinstance(reference, str | Path) else None
@@ -185,7 +219,8 @@ def fit(
         else "data.reference=<AnnData in memory>"
     )
     cfg = load_config([*head, *overrides])
-    done = pipeline.train(cfg, reference=_as_reference(reference))
+    with _quiet_lightning(bool(cfg.get("verbose", False))):
+        done = pipeline.train(cfg, reference=_as_reference(reference))
     module = done.model.cpu().eval()
     return Model(module, embed_reference(module, done.data), to_plain(cfg))
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dpvae.errors import DPVAEError
+from dpvae.errors import DPVAEError, require
 
 HELP_FLAGS = ("-h", "--help", "help")
 
@@ -108,7 +108,12 @@ def run_command(
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if any(a in HELP_FLAGS for a in args):
-            print(help_text(prog, summary, conf_dir, root_file, extra_keys))
+            try:
+                print(help_text(prog, summary, conf_dir, root_file, extra_keys), flush=True)
+            except BrokenPipeError:  # --help | head
+                import os
+
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         added = [a for a in args if a.startswith("+")]
         if added and not extra_keys:
@@ -149,19 +154,26 @@ def train_work(cfg: DictConfig) -> int:
 
     from dpvae import pipeline
     from dpvae.config import to_plain
+    from dpvae.errors import DPVAEWarning
     from dpvae.io import write_text_atomic
     from dpvae.placement import EMBEDDING_FILE, embed_reference
     from dpvae.run_folder import (
         RunLock,
         check_data,
         check_resume,
+        checkpoint_epoch,
         checkpoint_to_resume,
         read_record,
+        trim_csv_logs,
     )
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     plain = to_plain(cfg)
+    require(
+        cfg.embedding.batch_size >= 1,
+        f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
+    )
     from lightning.pytorch.utilities import rank_zero_only
 
     lock = RunLock(run_dir)
@@ -170,10 +182,31 @@ def train_work(cfg: DictConfig) -> int:
     resume_from = checkpoint_to_resume(run_dir, bool(cfg.resume))
     record = read_record(resume_from) if resume_from else {}
     check_resume(record, plain, run_dir)
+    if resume_from and cfg.trainer.max_epochs not in (None, -1):
+        done_epochs = checkpoint_epoch(resume_from) + 1
+        same_data = record.get("config", {}).get("data") == plain.get("data")
+        finished = done_epochs >= cfg.trainer.max_epochs and (run_dir / EMBEDDING_FILE).exists()
+        if finished and same_data:
+            print(
+                f"dpvae: {run_dir} already holds a finished run ({done_epochs} epochs); nothing to "
+                "do (a larger trainer.max_epochs continues it, another run_dir starts anew)",
+                file=sys.stderr,
+            )
+            return 0
+    warmup, epochs = cfg.model.warmup_epochs, cfg.trainer.max_epochs
+    if epochs not in (None, -1) and epochs <= warmup and cfg.model.alpha > 0:
+        warnings.warn(
+            f"trainer.max_epochs={epochs} ends before the distance regularizer switches on "
+            f"(model.warmup_epochs={warmup}): this trains a plain VAE",
+            DPVAEWarning,
+            stacklevel=2,
+        )
 
     def on_start(data: Any, logger: Any) -> None:
         check_data(record, data, run_dir, plain)
         lock.acquire()
+        if resume_from:
+            trim_csv_logs(run_dir, checkpoint_epoch(resume_from))
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         if logger:
             logger.log_hyperparams(plain)
@@ -191,11 +224,9 @@ def train_work(cfg: DictConfig) -> int:
             model = done.model.cpu()
             embedding = embed_reference(model, done.data, cfg.embedding.batch_size)
             embedding.write(run_dir / EMBEDDING_FILE)
-            print(
-                f"dpvae: wrote {run_dir / 'model.ckpt'}, config.yaml, {EMBEDDING_FILE}"
-                + (", training.png" if (run_dir / "training.png").exists() else ""),
-                file=sys.stderr,
-            )
+            names = ("model.ckpt", "last.ckpt", "config.yaml", EMBEDDING_FILE, "training.png")
+            written = [n for n in names if (run_dir / n).exists()]
+            print(f"dpvae: wrote {run_dir}: {', '.join(written)}", file=sys.stderr)
             if (run_dir / "wandb").is_dir():
                 print(
                     f"dpvae: W&B run saved offline; upload it with: wandb sync "
@@ -214,7 +245,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     return run_command(
         argv,
-        prog="dpvae-train",
+        prog="python train.py" if Path(sys.argv[0]).name == "train.py" else "dpvae-train",
         summary=TRAIN_SUMMARY,
         root_file="train.yaml",
         work=train_work,
@@ -234,21 +265,15 @@ coordinates. The query file is never modified.
 
 def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     from dpvae.errors import ConfigError
-    from dpvae.placement import MODES
+    from dpvae.placement import check_options
 
     query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
     if output.resolve() == query.resolve():
         raise ConfigError("output must differ from query; the query file is never modified")
-    if output.exists() and not cfg.overwrite:
-        raise ConfigError(f"{output} exists; choose another output or add overwrite=true")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode '{cfg.mode}'; choose one of: {', '.join(MODES)}")
-    if cfg.k < 1:
-        raise ConfigError(f"k must be at least 1, got {cfg.k}")
-    if cfg.n_iter < 0:
-        raise ConfigError(f"n_iter must be 0 or more, got {cfg.n_iter}")
-    if cfg.expression_weight < 0:
-        raise ConfigError(f"expression_weight must be 0 or more, got {cfg.expression_weight}")
+    for path in (output, output.with_suffix(".png")) if cfg.plot else (output,):
+        if path.exists() and not cfg.overwrite:
+            raise ConfigError(f"{path} exists; choose another output or add overwrite=true")
+    check_options(cfg.mode, cfg.k, cfg.n_iter, cfg.expression_weight)
     return query, output
 
 
@@ -268,7 +293,7 @@ def predict_work(cfg: DictConfig) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model.annotate(
-            query.copy(),
+            query,
             mode=cfg.mode,
             reference=cfg.reference,
             k=cfg.k,
@@ -286,9 +311,9 @@ def predict_work(cfg: DictConfig) -> int:
     print(f"dpvae: wrote {output} ({out.n_obs} cells, mode={out.uns['dpvae']['mode']})")
     scores = out.uns["dpvae"].get("scores")
     if scores:
-        from dpvae.callbacks.report import score_line
+        from dpvae.metrics import format_scores
 
-        print("dpvae: scores against the query's true coordinates: " + score_line(scores))
+        print("dpvae: scores against the query's true coordinates: " + format_scores(scores))
     if cfg.plot:
         from dpvae.plotting import plot_prediction
 

@@ -52,7 +52,20 @@ def config_roots(conf_dir: Path | None = None) -> list[Path]:
 
 
 #: keys that do not change what a run computes, left out of the default run name
-RUN_NAME_IGNORES = ("run_dir", "resume", "threads", "trainer.enable_progress_bar", "logger")
+RUN_NAME_IGNORES = (
+    "run_dir",
+    "resume",
+    "threads",
+    "verbose",
+    "logger",
+    "embedding",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "data.backed",
+    "data.backed_threshold_mb",
+    "data.num_workers",
+    "callbacks.report",
+)
 
 
 def _run_name(*, _root_: Any) -> str:
@@ -217,7 +230,7 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     default takes a list or a comma-separated value (``seeds=0,1,2``), element by element; a null
     default takes anything.
     """
-    if default is None or value is None and not isinstance(default, dict | list):
+    if default is None or value is None:  # null: "none" (a dropped callback, Lightning's default)
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):

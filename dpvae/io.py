@@ -213,7 +213,7 @@ def clean_stale_temporaries(folder: Path, name: str) -> list[Path]:
     return removed
 
 
-def _atomic(path: str | Path, write: Any) -> Path:
+def write_atomic(path: str | Path, write: Any) -> Path:
     """Run ``write(tmp)`` on ``.NAME.PID.tmp`` beside ``path``, then rename it onto ``path``.
 
     The result gets the permissions the umask allows (as a plain ``open`` would), a killed
@@ -237,10 +237,10 @@ def _atomic(path: str | Path, write: Any) -> Path:
 
 
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> Path:
-    """Write ``adata`` to ``path`` atomically (see :func:`_atomic`)."""
-    return _atomic(path, lambda tmp: adata.write_h5ad(tmp))
+    """Write ``adata`` to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: adata.write_h5ad(tmp))
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`_atomic`)."""
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    """Write ``text`` to ``path`` atomically (see :func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))

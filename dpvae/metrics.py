@@ -540,3 +540,20 @@ class LatentDistortion(_IndexedRows):
         out = distortion(z, t)
         out["stress"] = best_scale_stress(z, t)
         return self._out(out)
+
+
+#: scores measured in cell spacings (the reference's median nearest-neighbour distance)
+IN_CELL_SPACINGS = ("median_error", "procrustes_rmse")
+
+
+def format_scores(scores: dict[str, float], sep: str = "  ") -> str:
+    """``dist_pearson 0.612  knn10 0.081  median_error 1.93 cell spacings``: scores with units."""
+    parts = []
+    for name, value in scores.items():
+        if name in IN_CELL_SPACINGS:
+            parts.append(f"{name} {value:.2f} cell spacings")
+        elif name.startswith("distortion"):
+            parts.append(f"{name} {value:.2f}")
+        else:
+            parts.append(f"{name} {value:.3f}")
+    return sep.join(parts)

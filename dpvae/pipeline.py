@@ -126,6 +126,39 @@ def build_trainer(
         raise ConfigError(f"bad trainer setting: {exc}".replace("\n", " ")) from exc
 
 
+TERMS = ("loss", "recon", "kl", "reg", "lambda")
+
+
+def check_monitors(callbacks: list[Any], data: Any) -> None:
+    """Every metric a callback monitors is one the run logs (before any work).
+
+    Raises:
+        ConfigError: naming the monitor, the callback's key and the metrics that exist.
+    """
+    from dpvae.callbacks import SpatialValidation
+
+    has_val = len(data.cells("val")) > 0
+    logged = {f"train/{t}{s}" for t in TERMS for s in ("", "_step", "_epoch")}
+    if has_val:
+        logged |= {f"val/{t}" for t in TERMS}
+        if any(isinstance(cb, SpatialValidation) for cb in callbacks):
+            logged |= {f"val/{m}" for m in SpatialValidation.METRICS}
+    for cb in callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if not monitor or not getattr(cb, "enabled", True):
+            continue
+        if monitor not in logged:
+            why = (
+                " (data.val_fraction is 0: no validation cells)"
+                if monitor.startswith("val/") and not has_val
+                else ""
+            )
+            raise ConfigError(
+                f"{type(cb).__name__} monitors {monitor!r}, which this run does not log{why}; "
+                f"choose one of: {', '.join(sorted(logged))}"
+            )
+
+
 @dataclass
 class Trained:
     """What :func:`train` returns: the model (best weights when monitored), its data, the trainer."""
@@ -163,6 +196,7 @@ def train(
     for callback in callbacks:
         if isinstance(callback, RunState):  # the run's record goes into every checkpoint
             callback.set_record(to_plain(cfg), fingerprint(data))
+    check_monitors(callbacks, data)
     trainer = build_trainer(cfg, callbacks, logger, run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 

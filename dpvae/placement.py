@@ -366,14 +366,40 @@ def resolve_reference(
         return ReferenceEmbedding.from_anndata(adata, model.hparams["latent_dim"])
     coords = get_coordinates(adata, spatial_key)
     latent, pcs, _ = encode(model, adata)
+    keep = ~np.isnan(latent).any(axis=1) & np.isfinite(coords).all(axis=1)
+    if not keep.any():
+        raise DataError(
+            "no reference cell has both expression of the model's genes and coordinates"
+        )
+    if not keep.all():
+        warnings.warn(
+            f"{int((~keep).sum())} reference cells have no expression of the model's genes or no "
+            "finite coordinates; they are left out of the reference",
+            DPVAEWarning,
+            stacklevel=2,
+        )
     return ReferenceEmbedding(
-        latent,
-        coords,
-        pcs,
-        names=np.asarray(adata.obs_names).astype(str),
+        latent[keep],
+        coords[keep],
+        None if pcs is None else pcs[keep],
+        names=np.asarray(adata.obs_names).astype(str)[keep],
         genes=model.genes,
         scale=model.scale_value(),
     )
+
+
+def check_options(mode: str, k: int, n_iter: int, expression_weight: float) -> None:
+    """The placement options' rules (one line each), checked before any work."""
+    from dpvae.errors import ConfigError
+
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ConfigError(f"n_iter must be an integer, 0 or more, got {n_iter!r}")
+    if not expression_weight >= 0:
+        raise ConfigError(f"expression_weight must be 0 or more, got {expression_weight!r}")
 
 
 @dataclass
@@ -419,12 +445,9 @@ def predict(
     from dpvae.metrics import score_coordinates
     from dpvae.solver import reconstruct
 
-    if mode not in MODES:
-        raise DataError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    check_options(mode, k, n_iter, expression_weight)
     if query.n_obs == 0:
         raise DataError("the query has no cells; give a file with at least one cell")
-    if isinstance(k, bool) or int(k) < 1:
-        raise DataError(f"k must be a positive integer, got {k!r}")
     if not query.obs_names.is_unique:
         repeated = query.n_obs - query.obs_names.nunique()
         warnings.warn(
@@ -433,6 +456,7 @@ def predict(
             stacklevel=2,
         )
     pre = model.preprocessor
+    in_sample = 0
     if mode == "impute":
         ref = resolve_reference(model, reference, spatial_key)
         if k > len(ref):
@@ -443,6 +467,7 @@ def predict(
             )
         if ref.names is not None and ref.in_sample is not None:
             overlap = int(np.isin(np.asarray(query.obs_names).astype(str), ref.names).sum())
+            in_sample = overlap
             if overlap:
                 warnings.warn(
                     f"{overlap} of the {query.n_obs} query cells are reference cells of this run "
@@ -498,6 +523,7 @@ def predict(
         "n_genes_missing": int(sum(g not in shared for g in model.genes)),
         "lambda": model.scale_value(),
         "n_cells_without_expression": int(empty.sum()),
+        "n_cells_in_sample": in_sample,  # query cells that are the run's own reference cells
     }
     if spatial_key in query.obsm and len(coords) >= 3:
         from dpvae.io import get_coordinates

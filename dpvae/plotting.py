@@ -19,9 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dpvae.errors import DataError
-
-#: how each score reads in titles (units where it has one)
-UNITS = {"median_error": " cell spacings", "procrustes_rmse": " cell spacings"}
+from dpvae.metrics import format_scores
 
 
 def _colouring(adata: ad.AnnData, color: str | None) -> tuple[Any, str, list[str] | None]:
@@ -54,25 +52,30 @@ def align_for_display(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (pred - pm) @ rot * scale + tm
 
 
-def _scale_bar(ax: Any, xy: np.ndarray) -> None:
+def _bar_length(xy: np.ndarray) -> float:
+    """A round length about a fifth of the layout's width (1, 2 or 5 times a power of ten)."""
     finite = xy[np.isfinite(xy).all(axis=1)]
-    if not len(finite):
-        return
-    width = float(np.ptp(finite[:, 0])) or 1.0
-    target = width / 5
+    width = float(np.ptp(finite[:, 0])) if len(finite) else 1.0
+    target = (width or 1.0) / 5
     nice = 10 ** np.floor(np.log10(target))
-    length = max(m * nice for m in (1, 2, 5) if m * nice <= target)
-    x0 = finite[:, 0].min()
-    y0 = finite[:, 1].min() - 0.04 * (float(np.ptp(finite[:, 1])) or 1.0)
-    ax.plot([x0, x0 + length], [y0, y0], color="black", lw=2, solid_capstyle="butt")
-    ax.text(
-        x0 + length / 2, y0, f"{length:g} (coordinate units)", ha="center", va="top", fontsize=8
-    )
+    return float(max(m * nice for m in (1, 2, 5) if m * nice <= target))
 
 
-def _scores_text(scores: dict[str, float]) -> str:
-    return "   ".join(
-        f"{k} {v:.2f}{UNITS[k]}" if k in UNITS else f"{k} {v:.3f}" for k, v in scores.items()
+def _scale_bar(ax: Any, length: float) -> None:
+    """A bar of ``length`` coordinate units in the lower left corner of the axes."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    ax.add_artist(
+        AnchoredSizeBar(
+            ax.transData,
+            length,
+            f"{length:g} (coordinate units)",
+            "lower left",
+            pad=0.3,
+            frameon=False,
+            size_vertical=0,
+            fontproperties={"size": 8},
+        )
     )
 
 
@@ -82,11 +85,15 @@ def plot_prediction(
     """PNG of :func:`prediction_figure`."""
     import matplotlib.pyplot as plt
 
+    from dpvae.io import write_atomic
+
     fig = prediction_figure(adata, color, spatial_key)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return write_atomic(
+            path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        )
+    finally:
+        plt.close(fig)
 
 
 def prediction_figure(adata: ad.AnnData, color: str | None, spatial_key: str = "spatial") -> Any:
@@ -116,6 +123,7 @@ def prediction_figure(adata: ad.AnnData, color: str | None, spatial_key: str = "
             ListedColormap(colours[: max(len(categories), 1)]) if len(categories) <= 60 else "turbo"
         )
     handle = None
+    bar = _bar_length(panels[0][1])  # one length for both panels: one frame, one scale
     for ax, (name, xy) in zip(axes[0], panels, strict=True):
         kwargs: dict[str, Any] = {"s": 5, "linewidths": 0}
         if values is not None:
@@ -129,7 +137,7 @@ def prediction_figure(adata: ad.AnnData, color: str | None, spatial_key: str = "
         ax.set_yticks([])
         for side in ("top", "right", "bottom", "left"):
             ax.spines[side].set_visible(False)
-        _scale_bar(ax, xy)
+        _scale_bar(ax, bar)
     if len(panels) == 2:
         axes[0][1].set_xlim(axes[0][0].get_xlim())  # the same frame: the same axes
         axes[0][1].set_ylim(axes[0][0].get_ylim())
@@ -152,7 +160,10 @@ def prediction_figure(adata: ad.AnnData, color: str | None, spatial_key: str = "
         else:
             fig.colorbar(handle, ax=list(axes[0]), label=label, shrink=0.7)
     if info.get("scores"):
-        fig.suptitle(_scores_text(info["scores"]), fontsize=10)
+        flag = ""
+        if info.get("n_cells_in_sample"):
+            flag = f"IN-SAMPLE ({info['n_cells_in_sample']} query cells are reference cells):  "
+        fig.suptitle(flag + format_scores(info["scores"], sep="   "), fontsize=10)
     return fig
 
 
@@ -204,7 +215,9 @@ def plot_training(history: Sequence[dict[str, float]], path: str | Path, warmup:
             color="grey",
         )
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from dpvae.io import write_atomic
+
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

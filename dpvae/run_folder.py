@@ -65,7 +65,12 @@ def read_record(checkpoint: Path) -> dict[str, Any]:
             f"{checkpoint} cannot be read as a dpvae checkpoint ({type(exc).__name__}); move it "
             "away or choose another run_dir"
         ) from None
-    states = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict) or "loops" not in ckpt or "optimizer_states" not in ckpt:
+        raise ConfigError(
+            f"{checkpoint} holds a trained model without its training state (dpvae.Model.save); "
+            "it predicts but cannot be resumed: choose another run_dir"
+        )
+    states = ckpt.get("callbacks", {})
     for key, state in states.items():
         if "RunState" in str(key) and isinstance(state, dict):
             return dict(state.get("record") or {})
@@ -111,6 +116,37 @@ def check_data(record: dict[str, Any], data: Any, run_dir: Path, config: dict[st
         )
 
 
+def checkpoint_epoch(checkpoint: Path) -> int:
+    """The epoch a checkpoint was written at (-1 when it cannot tell)."""
+    import torch
+
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return -1
+
+
+def trim_csv_logs(run_dir: Path, last_epoch: int) -> None:
+    """Drop the rows of epochs after ``last_epoch`` from every ``metrics.csv`` of the run: a resume
+    replays them, and its own rows are appended."""
+    import csv
+
+    for path in run_dir.rglob("metrics.csv"):
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            rows = [r for r in reader if not r.get("epoch") or float(r["epoch"]) <= last_epoch]
+        import io
+
+        from dpvae.io import write_text_atomic
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(path, buffer.getvalue())
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -150,15 +186,16 @@ class RunLock:
             )
 
     def acquire(self) -> None:
-        self.check()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # stale: its process is gone
-            self.path.unlink(missing_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            self.check()
-            raise ConfigError(f"{self.path.parent} is in use by another training") from None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+                break
+            except FileExistsError:
+                self.check()  # a live holder: refuse
+                self.path.unlink(missing_ok=True)  # stale: its process is gone; take it over
+        else:
+            raise ConfigError(f"{self.path.parent} is in use by another training")
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         self.held = True

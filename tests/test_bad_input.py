@@ -60,6 +60,15 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "not_a_number": (["model.lr=fast"], "model.lr must be a number"),
         "not_a_bool": (["data.scale=maybe"], "data.scale must be true or false"),
         "unknown_kwarg": (["+model.encoder.depth=3"], "cannot build dpvae.nn.MLPEncoder.*takes"),
+        "embedding_batch": (["embedding.batch_size=0"], "embedding.batch_size must be at least 1"),
+        "monitor_typo": (
+            ["callbacks.checkpoint.monitor=val/dist_pearsn"],
+            "monitors 'val/dist_pearsn', which this run does not log",
+        ),
+        "monitor_no_val": (
+            ["data.val_fraction=0", "callbacks.early_stopping.monitor=val/loss"],
+            "no validation cells",
+        ),
         "unknown_option": (
             ["model.likelihood=poisson"],
             "unknown option 'poisson'.*gaussian, nb, zinb",
@@ -80,6 +89,9 @@ CASES = [
     "not_a_number",
     "not_a_bool",
     "unknown_kwarg",
+    "embedding_batch",
+    "monitor_typo",
+    "monitor_no_val",
 ]
 
 

@@ -98,6 +98,11 @@ def test_bad_queries(
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out.h5ad").exists()
+    (tmp_path / "out.png").write_bytes(b"an earlier figure")
+    args = [f"checkpoint={ckpt}", f"query={query_path}", f"output={tmp_path / 'out.h5ad'}"]
+    assert predict_main([*args, "plot=ClusterName"]) == 2  # the figure would be replaced
+    assert "out.png exists" in capsys.readouterr().err
+    assert (tmp_path / "out.png").read_bytes() == b"an earlier figure"
     code = predict_main(
         [
             f"checkpoint={tmp_path / 'nope.ckpt'}",

@@ -3,6 +3,7 @@ does (same weights, same embedding.h5ad), with one CSV log."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -71,7 +72,13 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(
         assert torch.equal(a[key], b[key]), key
     emb_a, emb_b = ad.read_h5ad(whole / "embedding.h5ad"), ad.read_h5ad(killed / "embedding.h5ad")
     np.testing.assert_array_equal(emb_a.X, emb_b.X)
-    assert sorted(p.name for p in (killed / "csv").iterdir()) == ["version_0"]  # one log
+    assert sorted(p.name for p in (killed / "csv").iterdir()) == ["version_0"]  # one log ...
+    logs = {}
+    for name, folder in (("whole", whole), ("killed", killed)):
+        with open(folder / "csv" / "version_0" / "metrics.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("val/loss")]
+        logs[name] = [(int(float(r["epoch"])), r["val/loss"]) for r in rows]
+    assert logs["killed"] == logs["whole"]  # ... with every epoch once, as uninterrupted
     assert not (killed / ".lock").exists()
 
 

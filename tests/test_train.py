@@ -153,6 +153,8 @@ def test_pca_input_and_best_weights(osmfish_small: Path, tmp_path: Path) -> None
     np.testing.assert_allclose(
         model.transform.pca.numpy(), dm.preprocessor.pca_components, atol=1e-5
     )
+    # last.ckpt is the latest epoch whatever the monitor said (a resume starts there)
+    assert torch.load(run_dir / "last.ckpt", weights_only=True, map_location="cpu")["epoch"] == 2
     # the checkpoint is the best epoch by val/dist_pearson; the embedding was written from it
     ckpt = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
     best = [c for c in ckpt["callbacks"].values() if "best_model_score" in c][0]
@@ -206,3 +208,20 @@ def test_early_stopping_on_spatial_metric(osmfish_small: Path, tmp_path: Path) -
     # epochs 0-1 are the warm-up; epoch 2 sets the first best, so the earliest stop is epoch 3
     assert 3 <= last["epoch"] < 29
     assert best["epoch"] <= last["epoch"]
+
+
+def test_a_callback_set_to_null_is_dropped(osmfish_small: Path, tmp_path: Path) -> None:
+    run_dir = run_train(
+        [
+            *FAST,
+            "logger=none",
+            f"data.reference={osmfish_small}",
+            f"run_dir={tmp_path}",
+            "trainer.max_epochs=1",
+            "callbacks.report=null",
+            "callbacks.spatial=null",
+        ]
+    )
+    assert (run_dir / "model.ckpt").exists() and not (run_dir / "training.png").exists()
+    ckpt = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
+    assert not any("SpatialValidation" in k or "Report" in k for k in ckpt["callbacks"])
