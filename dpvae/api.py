@@ -24,15 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dpvae.errors import DataError
+from dpvae.run_folder import CHECKPOINT_FILE, CONFIG_FILE
 
 if TYPE_CHECKING:
     import anndata as ad
 
     from dpvae.module import DPVAE
     from dpvae.placement import Prediction, ReferenceEmbedding
-
-CHECKPOINT_FILE = "model.ckpt"
-CONFIG_FILE = "config.yaml"
 
 
 class Model:

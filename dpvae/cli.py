@@ -158,6 +158,10 @@ def train_work(cfg: DictConfig) -> int:
     from dpvae.io import write_text_atomic
     from dpvae.placement import EMBEDDING_FILE, embed_reference
     from dpvae.run_folder import (
+        CHECKPOINT_FILE,
+        CONFIG_FILE,
+        FIGURE_FILE,
+        LAST_FILE,
         RunLock,
         check_data,
         check_resume,
@@ -207,7 +211,7 @@ def train_work(cfg: DictConfig) -> int:
         lock.acquire()
         if resume_from:
             trim_csv_logs(run_dir, checkpoint_epoch(resume_from))
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
         if logger:
             logger.log_hyperparams(plain)
         where = f"resuming from {resume_from}" if resume_from else "training"
@@ -224,7 +228,7 @@ def train_work(cfg: DictConfig) -> int:
             model = done.model.cpu()
             embedding = embed_reference(model, done.data, cfg.embedding.batch_size)
             embedding.write(run_dir / EMBEDDING_FILE)
-            names = ("model.ckpt", "last.ckpt", "config.yaml", EMBEDDING_FILE, "training.png")
+            names = (CHECKPOINT_FILE, LAST_FILE, CONFIG_FILE, EMBEDDING_FILE, FIGURE_FILE)
             written = [n for n in names if (run_dir / n).exists()]
             print(f"dpvae: wrote {run_dir}: {', '.join(written)}", file=sys.stderr)
             if (run_dir / "wandb").is_dir():

@@ -21,6 +21,11 @@ import numpy as np
 from dpvae.errors import ConfigError
 
 LOCK_FILE = ".lock"
+#: the files of a run folder (the embedding's name is :data:`dpvae.placement.EMBEDDING_FILE`)
+CHECKPOINT_FILE = "model.ckpt"  # the model to use (callbacks.checkpoint writes it)
+LAST_FILE = "last.ckpt"  # the latest epoch, with a monitor
+CONFIG_FILE = "config.yaml"
+FIGURE_FILE = "training.png"  # callbacks.report draws it
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
@@ -29,7 +34,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
     Raises:
         ConfigError: the folder holds a run and ``resume`` is false.
     """
-    existing = [p for p in (run_dir / "last.ckpt", run_dir / "model.ckpt") if p.exists()]
+    existing = [p for p in (run_dir / LAST_FILE, run_dir / CHECKPOINT_FILE) if p.exists()]
     if not existing:
         return None
     if not resume:
