@@ -92,17 +92,10 @@ def work(cfg: DictConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpvae.cli import run_command
+    """Command-line entry point; returns the exit status (2 for a usage or data error)."""
+    from dpvae.cli import command
 
-    return run_command(
-        list(sys.argv[1:] if argv is None else argv),
-        prog="python -m benchmarks.identity",
-        summary=SUMMARY,
-        conf_dir=CONF_DIR,
-        root_file=ROOT_FILE,
-        work=work,
-        extra_keys=False,
-    )
+    return command("python -m benchmarks.identity", SUMMARY, CONF_DIR, ROOT_FILE, work)(argv)
 
 
 if __name__ == "__main__":

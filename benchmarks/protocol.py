@@ -1121,17 +1121,9 @@ def work(cfg: DictConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a usage or data error)."""
-    from dpvae.cli import run_command
+    from dpvae.cli import command
 
-    return run_command(
-        list(sys.argv[1:] if argv is None else argv),
-        prog="python -m benchmarks.protocol",
-        summary=SUMMARY,
-        conf_dir=CONF_DIR,
-        root_file=ROOT_FILE,
-        work=work,
-        extra_keys=False,
-    )
+    return command("python -m benchmarks.protocol", SUMMARY, CONF_DIR, ROOT_FILE, work)(argv)
 
 
 if __name__ == "__main__":

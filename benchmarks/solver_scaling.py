@@ -114,18 +114,10 @@ def work(cfg: DictConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for a usage error)."""
-    from dpvae.cli import run_command
+    """Command-line entry point; returns the exit status (2 for a usage or data error)."""
+    from dpvae.cli import command
 
-    return run_command(
-        list(sys.argv[1:] if argv is None else argv),
-        prog="python -m benchmarks.solver_scaling",
-        summary=SUMMARY,
-        conf_dir=CONF_DIR,
-        root_file=ROOT_FILE,
-        work=work,
-        extra_keys=False,
-    )
+    return command("python -m benchmarks.solver_scaling", SUMMARY, CONF_DIR, ROOT_FILE, work)(argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dpvae.contracts import ReferenceData
-from dpvae.errors import require
+from dpvae.errors import require_at_least
 from dpvae.metrics import LatentDistortion, SpatialScores
 from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
 
@@ -51,16 +51,13 @@ class SpatialValidation(L.Callback):
         expression_weight: float = EXPRESSION_WEIGHT,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("every_n_epochs", every_n_epochs, 1),
-            ("k", k, 1),
-            ("max_reference", max_reference, 1),
-            ("n_iter", n_iter, 0),
-        ):
-            require(value >= low, f"callbacks.spatial.{name} must be at least {low}, got {value}")
-        require(
-            expression_weight >= 0,
-            f"callbacks.spatial.expression_weight must be 0 or more, got {expression_weight}",
+        require_at_least(
+            "callbacks.spatial",
+            every_n_epochs=(every_n_epochs, 1),
+            k=(k, 1),
+            max_reference=(max_reference, 1),
+            n_iter=(n_iter, 0),
+            expression_weight=(expression_weight, 0),
         )
         self.every_n_epochs = int(every_n_epochs)
         self.k = k

@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpvae.contracts import Cells, Split
-from dpvae.errors import ConfigError, DataError, DPVAEWarning, require
+from dpvae.errors import ConfigError, DataError, DPVAEWarning, require, require_at_least
 from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
 from dpvae.preprocess import Preprocessor, fit_preprocessor, scan_matrix
 
@@ -187,19 +187,16 @@ class ReferenceDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 2:
             raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
-        for name, value, low in (
-            ("n_genes", n_genes, 0),
-            ("n_pcs", n_pcs, 0),
-            ("neighbour_pcs", neighbour_pcs, 0),
-            ("n_neighbours", n_neighbours, 1),
-            ("min_cells", min_cells, 3),
-            ("chunk_size", chunk_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            require(value >= low, f"data.{name} must be at least {low}, got {value}")
-        require(
-            backed_threshold_mb >= 0,
-            f"data.backed_threshold_mb must be 0 or more, got {backed_threshold_mb}",
+        require_at_least(
+            "data",
+            n_genes=(n_genes, 0),
+            n_pcs=(n_pcs, 0),
+            neighbour_pcs=(neighbour_pcs, 0),
+            n_neighbours=(n_neighbours, 1),
+            min_cells=(min_cells, 3),
+            chunk_size=(chunk_size, 1),
+            num_workers=(num_workers, 0),
+            backed_threshold_mb=(backed_threshold_mb, 0),
         )
         require(bool(spatial_key), "data.spatial_key must name an obsm key, e.g. spatial")
         self.reference = reference

@@ -134,6 +134,29 @@ def run_command(
         return 130
 
 
+def command(
+    prog: str,
+    summary: str,
+    conf_dir: Path,
+    root_file: str,
+    work: Callable[[DictConfig], int | None],
+) -> Callable[[Sequence[str] | None], int]:
+    """A ``main(argv=None)`` for a command of its own YAML (the benchmarks' commands)."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run_command(
+            argv,
+            prog=prog,
+            summary=summary,
+            conf_dir=conf_dir,
+            root_file=root_file,
+            work=work,
+            extra_keys=False,
+        )
+
+    return main
+
+
 # ---------------------------------------------------------------------------------- train
 TRAIN_SUMMARY = """
 Train a dp-VAE on a reference section (.h5ad with coordinates in obsm['spatial']); with no

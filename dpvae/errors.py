@@ -29,3 +29,9 @@ def require(ok: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``ok`` (a value's range check)."""
     if not ok:
         raise ConfigError(message)
+
+
+def require_at_least(prefix: str, **limits: tuple[float, float]) -> None:
+    """``require_at_least("data", n_genes=(n_genes, 0), ...)``: each value at least its bound."""
+    for name, (value, low) in limits.items():
+        require(value >= low, f"{prefix}.{name} must be at least {low:g}, got {value}")
