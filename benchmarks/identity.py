@@ -72,11 +72,21 @@ def predictions(cfg: DictConfig) -> dict[str, Any]:
 def work(cfg: DictConfig) -> int:
     import numpy as np
 
+    out = Path(cfg.out).expanduser()
+    if out.suffix != ".npz":
+        raise ConfigError(f"out={out} must end in .npz")
+    old: Any = None
+    if cfg.compare is not None:
+        compare = Path(cfg.compare).expanduser()
+        if compare.resolve() == out.resolve():
+            raise ConfigError("compare= must differ from out= (it would be overwritten)")
+        if not compare.is_file():
+            raise ConfigError(f"compare={compare}: no such file")
+        old = dict(np.load(compare))
     new = predictions(cfg)
-    np.savez(Path(cfg.out).expanduser(), **new)
-    if cfg.compare is None:
+    np.savez(out, **new)
+    if old is None:
         return 0
-    old = np.load(Path(cfg.compare).expanduser())
     differs = False
     for key, value in new.items():
         if key not in old:

@@ -49,8 +49,16 @@ class RunCheckpoint(ModelCheckpoint):
         if (
             self.save_last
             and not self._should_skip_saving_checkpoint(trainer)
-            and self._should_save_on_train_epoch_end(trainer)
             and (trainer.current_epoch + 1) % max(self._every_n_epochs, 1) == 0
             and self._last_global_step_saved != trainer.global_step
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the final epoch is always on disk, whatever every_n_epochs skipped
+        if trainer.global_step and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor:
+                self._save_last_checkpoint(trainer, candidates)
+            else:
+                self._save_topk_checkpoint(trainer, candidates)

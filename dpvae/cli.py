@@ -177,7 +177,7 @@ def train_work(cfg: DictConfig) -> int:
 
     from dpvae import pipeline
     from dpvae.config import to_plain
-    from dpvae.errors import DPVAEWarning
+    from dpvae.errors import ConfigError, DPVAEWarning
     from dpvae.io import write_text_atomic
     from dpvae.placement import EMBEDDING_FILE, embed_reference
     from dpvae.run_folder import (
@@ -191,6 +191,7 @@ def train_work(cfg: DictConfig) -> int:
         checkpoint_epoch,
         checkpoint_to_resume,
         read_record,
+        stopped_early,
         trim_csv_logs,
     )
 
@@ -207,12 +208,18 @@ def train_work(cfg: DictConfig) -> int:
     if getattr(rank_zero_only, "rank", 0) == 0:  # DDP's other ranks run under rank 0's lock
         lock.check()
     resume_from = checkpoint_to_resume(run_dir, bool(cfg.resume))
+    if resume_from is None and (run_dir / EMBEDDING_FILE).exists():
+        raise ConfigError(
+            f"{run_dir} holds an {EMBEDDING_FILE} but no checkpoint to resume; choose another "
+            "run_dir (or move that run away)"
+        )
     record = read_record(resume_from) if resume_from else {}
     check_resume(record, plain, run_dir)
     if resume_from and cfg.trainer.max_epochs not in (None, -1):
         done_epochs = checkpoint_epoch(resume_from) + 1
         same_data = record.get("config", {}).get("data") == plain.get("data")
-        finished = done_epochs >= cfg.trainer.max_epochs and (run_dir / EMBEDDING_FILE).exists()
+        ended = done_epochs >= cfg.trainer.max_epochs or stopped_early(resume_from)
+        finished = ended and (run_dir / EMBEDDING_FILE).exists()
         if finished and same_data:
             print(
                 f"dpvae: {run_dir} already holds a finished run ({done_epochs} epochs); nothing to "
@@ -254,7 +261,7 @@ def train_work(cfg: DictConfig) -> int:
             names = (CHECKPOINT_FILE, LAST_FILE, CONFIG_FILE, EMBEDDING_FILE, FIGURE_FILE)
             written = [n for n in names if (run_dir / n).exists()]
             print(f"dpvae: wrote {run_dir}: {', '.join(written)}", file=sys.stderr)
-            if (run_dir / "wandb").is_dir():
+            if (run_dir / "wandb").is_dir() and "Wandb" in str(cfg.logger.get("_target_") or ""):
                 print(
                     f"dpvae: W&B run saved offline; upload it with: wandb sync "
                     f"{run_dir / 'wandb'}/offline-run-*",
@@ -297,6 +304,10 @@ def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
     if output.resolve() == query.resolve():
         raise ConfigError("output must differ from query; the query file is never modified")
+    if cfg.plot and output.suffix == ".png":
+        raise ConfigError(
+            f"output={output} would be overwritten by its figure; give an .h5ad output"
+        )
     for path in (output, output.with_suffix(".png")) if cfg.plot else (output,):
         if path.exists() and not cfg.overwrite:
             raise ConfigError(f"{path} exists; choose another output or add overwrite=true")

@@ -211,6 +211,8 @@ def _parse_override(text: str) -> tuple[str, Any, bool]:
     return key, value, add
 
 
+#: keys besides sections and ``trainer.*`` where null means a library's default
+NULLABLE = ("threads",)
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -230,8 +232,12 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     default takes a list or a comma-separated value (``seeds=0,1,2``), element by element; a null
     default takes anything.
     """
-    if default is None or value is None:  # null: "none" (a dropped callback, Lightning's default)
+    if default is None:
         return value
+    if value is None:  # null drops a section (a callback) or means Lightning's / torch's default
+        if isinstance(default, dict) or key.startswith("trainer.") or key in NULLABLE:
+            return value
+        raise ConfigError(f"{key} cannot be null; give {_type_name(default)}")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

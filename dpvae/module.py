@@ -226,8 +226,8 @@ class DPVAE(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         terms = self._losses(batch)
-        weight = self.hparams["alpha"] if self.regularizer_on() else 0.0  # as in training
-        loss = terms["elbo_loss"] + weight * terms["reg"]
+        # the distance term always counts, so val/loss compares across the warm-up's end
+        loss = terms["elbo_loss"] + self.hparams["alpha"] * terms["reg"]
         self._log_terms("val", terms, loss, batch["raw"].shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

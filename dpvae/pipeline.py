@@ -117,7 +117,13 @@ def build_trainer(
         kwargs.update(enable_progress_bar=False, enable_model_summary=False)
         kwargs.update(enable_checkpointing=False, logger=False)
     else:
-        kwargs.update(logger=logger, default_root_dir=str(run_dir))
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # no checkpoint callback configured: no checkpoints (not Lightning's default one)
+        checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        kwargs.update(
+            logger=logger, default_root_dir=str(run_dir), enable_checkpointing=checkpoints
+        )
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:

@@ -394,11 +394,13 @@ def check_options(mode: str, k: int, n_iter: int, expression_weight: float) -> N
 
     if mode not in MODES:
         raise ConfigError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    from numbers import Integral, Real
+
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, Integral) or n_iter < 0:
         raise ConfigError(f"n_iter must be an integer, 0 or more, got {n_iter!r}")
-    if not expression_weight >= 0:
+    if not isinstance(expression_weight, Real) or not expression_weight >= 0:
         raise ConfigError(f"expression_weight must be 0 or more, got {expression_weight!r}")
 
 

@@ -37,6 +37,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
     existing = [p for p in (run_dir / LAST_FILE, run_dir / CHECKPOINT_FILE) if p.exists()]
     if not existing:
         return None
+    existing.sort(key=checkpoint_epoch, reverse=True)  # the latest, whichever name holds it
     if not resume:
         raise ConfigError(
             f"{run_dir} already holds {existing[0].name}; choose another run_dir, or resume=true "
@@ -129,6 +130,22 @@ def checkpoint_epoch(checkpoint: Path) -> int:
         return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
     except Exception:
         return -1
+
+
+def stopped_early(checkpoint: Path) -> bool:
+    """Whether the run of this checkpoint ended by early stopping (then it is finished)."""
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    states = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else {}
+    return any(
+        "EarlyStopping" in str(key) and int(state.get("stopped_epoch", 0) or 0) > 0
+        for key, state in states.items()
+        if isinstance(state, dict)
+    )
 
 
 def trim_csv_logs(run_dir: Path, last_epoch: int) -> None:

@@ -119,3 +119,41 @@ def test_a_saved_model_folder_predicts_but_is_not_resumed(
     saved = dpvae.load(finished_run).save(tmp_path / "saved")
     line = _refused([f"data.reference={osmfish_small}", *FAST], saved, capsys)
     assert "without its training state" in line
+
+
+def test_a_finished_or_early_stopped_run_is_left_alone(
+    osmfish_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        f"data.reference={osmfish_small}",
+        f"run_dir={tmp_path}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=30",
+        "model.warmup_epochs=1",
+        "callbacks.early_stopping.monitor=val/loss",
+        "callbacks.early_stopping.patience=1",
+        "+callbacks.early_stopping.min_delta=0.5",
+    ]
+    assert train_main(args) == 0
+    before = _digest(tmp_path)
+    capsys.readouterr()
+    assert train_main(args) == 0
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert _digest(tmp_path) == before
+
+
+def test_no_checkpoint_callback_writes_no_checkpoint_and_is_not_rerun_over(
+    osmfish_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        f"data.reference={osmfish_small}",
+        f"run_dir={tmp_path}",
+        *FAST,
+        "callbacks.checkpoint=null",
+    ]
+    assert train_main(args) == 0
+    assert not list(tmp_path.rglob("*.ckpt")) and (tmp_path / "embedding.h5ad").exists()
+    capsys.readouterr()
+    line = _refused(args[:1] + args[2:], tmp_path, capsys)
+    assert "no checkpoint to resume" in line
