@@ -7,11 +7,12 @@ Layers, each importing only the ones above it:
 
 1. the maths: ``nn``, ``likelihoods``, ``regularizers``, ``module`` (the LightningModule),
    ``preprocess`` (the one preprocessing fit), ``solver``, ``metrics``, ``placement`` (the one owner
-   of neighbour search, calibration and the embedding file), ``contracts``, ``io``, ``config``;
+   of neighbour search, calibration and the embedding file), ``contracts``, ``io``, ``config``,
+   ``plotting``, ``loggers``;
 2. the application's wings: ``dpvae.datamodules`` and ``dpvae.callbacks`` (the checkout's
    ``datamodules/`` and ``callbacks/`` folders), which do not import each other;
 3. the composition root ``pipeline``, then the front ends ``api``, ``cli``, ``predict``,
-   ``plotting``. ``tests/test_layers.py`` checks these rules.
+   ``run_folder``. ``tests/test_layers.py`` checks these rules.
 """
 
 from __future__ import annotations
