@@ -188,10 +188,7 @@ def train_work(cfg: DictConfig) -> int:
         RunLock,
         check_data,
         check_resume,
-        checkpoint_epoch,
         checkpoint_to_resume,
-        read_record,
-        stopped_early,
         trim_csv_logs,
     )
 
@@ -207,18 +204,19 @@ def train_work(cfg: DictConfig) -> int:
     lock = RunLock(run_dir)
     if getattr(rank_zero_only, "rank", 0) == 0:  # DDP's other ranks run under rank 0's lock
         lock.check()
-    resume_from = checkpoint_to_resume(run_dir, bool(cfg.resume))
+    resume = checkpoint_to_resume(run_dir, bool(cfg.resume))
+    resume_from = resume.path if resume else None
     if resume_from is None and (run_dir / EMBEDDING_FILE).exists():
         raise ConfigError(
             f"{run_dir} holds an {EMBEDDING_FILE} but no checkpoint to resume; choose another "
             "run_dir (or move that run away)"
         )
-    record = read_record(resume_from) if resume_from else {}
+    record = resume.record if resume else {}
     check_resume(record, plain, run_dir)
-    if resume_from and cfg.trainer.max_epochs not in (None, -1):
-        done_epochs = checkpoint_epoch(resume_from) + 1
+    if resume and cfg.trainer.max_epochs not in (None, -1):
+        done_epochs = resume.epoch + 1
         same_data = record.get("config", {}).get("data") == plain.get("data")
-        ended = done_epochs >= cfg.trainer.max_epochs or stopped_early(resume_from)
+        ended = done_epochs >= cfg.trainer.max_epochs or resume.stopped_early
         finished = ended and (run_dir / EMBEDDING_FILE).exists()
         if finished and same_data:
             print(
@@ -239,8 +237,8 @@ def train_work(cfg: DictConfig) -> int:
     def on_start(data: Any, logger: Any) -> None:
         check_data(record, data, run_dir, plain)
         lock.acquire()
-        if resume_from:
-            trim_csv_logs(run_dir, checkpoint_epoch(resume_from))
+        if resume:
+            trim_csv_logs(run_dir, resume.epoch)
         write_text_atomic(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
         if logger:
             logger.log_hyperparams(plain)

@@ -1,6 +1,7 @@
 """A training run's folder: what resumes, what is refused, and who may write it.
 
-- :func:`checkpoint_to_resume`: ``last.ckpt`` (or ``model.ckpt``) of an earlier run of the folder;
+- :func:`checkpoint_to_resume`: the latest of ``last.ckpt`` and ``model.ckpt`` of an earlier run,
+  read once (:class:`Resume`);
 - :func:`check_resume`: a resume whose model or data differ from the run's record stops with one line
   naming the difference, before anything is written (the record is kept in every checkpoint by
   :class:`dpvae.callbacks.RunState`);
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +30,28 @@ CONFIG_FILE = "config.yaml"
 FIGURE_FILE = "training.png"  # callbacks.report draws it
 
 
-def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint an interrupted run continues from, or ``None`` for a new run.
+@dataclass(frozen=True)
+class Resume:
+    """What a resume needs from the checkpoint it continues, read from the file once.
 
-    Raises:
-        ConfigError: the folder holds a run and ``resume`` is false.
+    Attributes:
+        path: the checkpoint.
+        epoch: the epoch it was written at.
+        record: the run record :class:`dpvae.callbacks.RunState` keeps (empty without one).
+        stopped_early: the run ended by early stopping (it is finished).
     """
-    existing = [p for p in (run_dir / LAST_FILE, run_dir / CHECKPOINT_FILE) if p.exists()]
-    if not existing:
-        return None
-    existing.sort(key=checkpoint_epoch, reverse=True)  # the latest, whichever name holds it
-    if not resume:
-        raise ConfigError(
-            f"{run_dir} already holds {existing[0].name}; choose another run_dir, or resume=true "
-            "to continue that run"
-        )
-    return existing[0]
+
+    path: Path
+    epoch: int
+    record: dict[str, Any]
+    stopped_early: bool
 
 
-def fingerprint(data: Any) -> str:
-    """A hash of the reference a run trains on: its cells, positions and fitted preprocessing."""
-    cells = data.cells("all")
-    h = hashlib.sha1()
-    h.update(json.dumps(data.preprocessor.to_dict(), sort_keys=True, default=str).encode())
-    h.update(np.ascontiguousarray(cells.coords, dtype=np.float64).tobytes())
-    h.update("\0".join(map(str, cells.names)).encode())
-    return h.hexdigest()
-
-
-def read_record(checkpoint: Path) -> dict[str, Any]:
-    """The run record saved in a checkpoint (empty for a checkpoint without one).
+def read_checkpoint(checkpoint: Path) -> Resume:
+    """One read of a checkpoint: its epoch, run record and early-stopping state.
 
     Raises:
-        ConfigError: the file is not a readable checkpoint.
+        ConfigError: the file is not a readable checkpoint, or holds no training state.
     """
     import torch
 
@@ -76,11 +67,52 @@ def read_record(checkpoint: Path) -> dict[str, Any]:
             f"{checkpoint} holds a trained model without its training state (dpvae.Model.save); "
             "it predicts but cannot be resumed: choose another run_dir"
         )
-    states = ckpt.get("callbacks", {})
-    for key, state in states.items():
-        if "RunState" in str(key) and isinstance(state, dict):
-            return dict(state.get("record") or {})
-    return {}
+    states = {str(k): v for k, v in ckpt.get("callbacks", {}).items() if isinstance(v, dict)}
+    record = next((dict(v.get("record") or {}) for k, v in states.items() if "RunState" in k), {})
+    stopped = any(
+        "EarlyStopping" in k and int(v.get("stopped_epoch", 0) or 0) > 0 for k, v in states.items()
+    )
+    return Resume(checkpoint, int(ckpt.get("epoch", -1)), record, stopped)
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Resume | None:
+    """The checkpoint an interrupted run continues from (the latest of ``last.ckpt`` and
+    ``model.ckpt``), or ``None`` for a new run.
+
+    Raises:
+        ConfigError: the folder holds a run and ``resume`` is false, or its checkpoint cannot be
+            resumed (see :func:`read_checkpoint`).
+    """
+    existing = [p for p in (run_dir / LAST_FILE, run_dir / CHECKPOINT_FILE) if p.exists()]
+    if not existing:
+        return None
+    read: list[Resume | ConfigError] = []
+    for path in existing:
+        try:
+            read.append(read_checkpoint(path))
+        except ConfigError as exc:
+            read.append(exc)
+    epochs = [r.epoch if isinstance(r, Resume) else -1 for r in read]
+    order = sorted(range(len(existing)), key=epochs.__getitem__, reverse=True)  # the latest
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds {existing[order[0]].name}; choose another run_dir, or "
+            "resume=true to continue that run"
+        )
+    chosen = read[order[0]]
+    if isinstance(chosen, ConfigError):
+        raise chosen
+    return chosen
+
+
+def fingerprint(data: Any) -> str:
+    """A hash of the reference a run trains on: its cells, positions and fitted preprocessing."""
+    cells = data.cells("all")
+    h = hashlib.sha1()
+    h.update(json.dumps(data.preprocessor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(cells.coords, dtype=np.float64).tobytes())
+    h.update("\0".join(map(str, cells.names)).encode())
+    return h.hexdigest()
 
 
 def _first_difference(old: Any, new: Any, path: str) -> tuple[str, Any, Any] | None:
@@ -120,32 +152,6 @@ def check_data(record: dict[str, Any], data: Any, run_dir: Path, config: dict[st
             f"cannot resume {run_dir}: the reference data differ from that run's{where}; "
             "give the run's data or another run_dir"
         )
-
-
-def checkpoint_epoch(checkpoint: Path) -> int:
-    """The epoch a checkpoint was written at (-1 when it cannot tell)."""
-    import torch
-
-    try:
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:
-        return -1
-
-
-def stopped_early(checkpoint: Path) -> bool:
-    """Whether the run of this checkpoint ended by early stopping (then it is finished)."""
-    import torch
-
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    states = ckpt.get("callbacks", {}) if isinstance(ckpt, dict) else {}
-    return any(
-        "EarlyStopping" in str(key) and int(state.get("stopped_epoch", 0) or 0) > 0
-        for key, state in states.items()
-        if isinstance(state, dict)
-    )
 
 
 def trim_csv_logs(run_dir: Path, last_epoch: int) -> None:
