@@ -234,8 +234,8 @@ def train_work(cfg: DictConfig) -> int:
             stacklevel=2,
         )
 
-    def on_start(data: Any, logger: Any) -> None:
-        check_data(record, data, run_dir, plain)
+    def on_start(data: Any, logger: Any, data_fingerprint: str) -> None:
+        check_data(record, data_fingerprint, run_dir, plain)
         lock.acquire()
         if resume:
             trim_csv_logs(run_dir, resume.epoch)

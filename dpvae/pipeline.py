@@ -188,7 +188,8 @@ def train(
         reference: an in-memory AnnData instead of ``data.reference``.
         run_dir: the run folder (checkpoints, logs); ``None`` trains in memory and writes nothing.
         resume_from: a checkpoint to continue from.
-        on_start: called as ``on_start(data, logger)`` on rank zero after setup, before training
+        on_start: called as ``on_start(data, logger, data_fingerprint)`` on rank zero after setup,
+            before training
             (the command line writes ``config.yaml`` and prints its first line there).
     """
     from dpvae.callbacks import RunState
@@ -199,16 +200,17 @@ def train(
     model = build_model(cfg, data)
     logger = build_logger(cfg) if run_dir is not None else False
     callbacks = build_callbacks(cfg, run_dir is not None)
+    data_fingerprint = fingerprint(data)  # once: the run's record and the resume check
     for callback in callbacks:
         if isinstance(callback, RunState):  # the run's record goes into every checkpoint
-            callback.set_record(to_plain(cfg), fingerprint(data))
+            callback.set_record(to_plain(cfg), data_fingerprint)
     check_monitors(callbacks, data)
     trainer = build_trainer(cfg, callbacks, logger, run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     # before fit, ranks are known only from the launcher's environment (DDP re-runs the command)
     if on_start is not None and getattr(rank_zero_only, "rank", 0) == 0:
-        on_start(data, logger)
+        on_start(data, logger, data_fingerprint)
     try:
         trainer.fit(
             model,

@@ -142,9 +142,12 @@ def check_resume(record: dict[str, Any], config: dict[str, Any], run_dir: Path) 
         )
 
 
-def check_data(record: dict[str, Any], data: Any, run_dir: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume on other reference data than the run's (before any write)."""
-    if record.get("fingerprint") and record["fingerprint"] != fingerprint(data):
+def check_data(
+    record: dict[str, Any], data_fingerprint: str, run_dir: Path, config: dict[str, Any]
+) -> None:
+    """Refuse to resume on other reference data than the run's (its :func:`fingerprint`
+    differs; before any write)."""
+    if record.get("fingerprint") and record["fingerprint"] != data_fingerprint:
         was = record.get("config", {}).get("data", {}).get("reference")
         now = config.get("data", {}).get("reference")
         where = f" (data.reference {was!r} then, {now!r} now)" if was != now else ""
