@@ -6,6 +6,7 @@ In a checkout this is the top-level ``datamodules/`` folder; it is installed as
 
 from __future__ import annotations
 
-from .reference import CellDataset, PairedBatchSampler, ReferenceDataModule
+from .reference import CellDataset, ReferenceDataModule
+from .sampling import BatchPlan, FixedBatches, PairedBatchSampler
 
-__all__ = ["CellDataset", "PairedBatchSampler", "ReferenceDataModule"]
+__all__ = ["BatchPlan", "CellDataset", "FixedBatches", "PairedBatchSampler", "ReferenceDataModule"]

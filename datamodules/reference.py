@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from dpvae.errors import ConfigError, DataError, DPVAEWarning, require, require_
 from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
 from dpvae.preprocess import Preprocessor, fit_preprocessor, scan_matrix
 
+from .sampling import BatchPlan, FixedBatches, PairedBatchSampler, as_plan
+
 
 class CellDataset(Dataset):
     """Raw expression rows (CSR), standardised coordinates and cell ids, fetched a batch at a time.
@@ -38,11 +39,12 @@ class CellDataset(Dataset):
     def __len__(self) -> int:
         return self.raw.shape[0]
 
-    def __getitems__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows_arr = np.asarray(rows, dtype=np.int64)
+    def __getitems__(self, rows: BatchPlan | Sequence[int]) -> dict[str, torch.Tensor]:
+        plan = as_plan(rows)
+        rows_arr = plan.rows
         raw = torch.from_numpy(self.raw[rows_arr].toarray())
         sel = torch.from_numpy(rows_arr)
-        return {"raw": raw, "coords": self.coords[sel], "index": self.index[sel]}
+        return plan.attach({"raw": raw, "coords": self.coords[sel], "index": self.index[sel]})
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([row])
@@ -51,70 +53,6 @@ class CellDataset(Dataset):
 
 def _identity(batch: Any) -> Any:
     return batch
-
-
-class PairedBatchSampler(Sampler[list[int]]):
-    """Batches of anchor cells each followed by one of its spatial neighbours.
-
-    Every epoch visits the cells in a new random order as anchors; each anchor brings one random cell
-    among its ``k`` nearest spatial neighbours, so short distances are always among a batch's pairs
-    while the other in-batch pairs cover random far distances. Under DDP each rank takes a disjoint
-    slice of the epoch's order (no padding, no duplicates; up to ``world_size - 1`` cells per epoch
-    are left out, a different few each epoch), and every rank gets the same number of batches.
-
-    Args:
-        neighbours: (n, k) indices of each cell's spatial neighbours (local row ids), or ``None``
-            for plain random batches.
-        batch_size: cells per batch (anchors + neighbours).
-        seed: base seed; the order depends on (seed, epoch) only.
-        rank, world_size: this process's shard.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        neighbours: np.ndarray | None,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.n = n
-        self.neighbours = neighbours
-        self.per_batch = max(batch_size // 2, 1) if neighbours is not None else batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def _shard_size(self) -> int:
-        return self.n // self.world_size if self.world_size > 1 else self.n
-
-    def __len__(self) -> int:
-        return math.ceil(self._shard_size() / self.per_batch)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.n)
-        m = self._shard_size()
-        shard = order[self.rank * m : (self.rank + 1) * m]
-        partner = None
-        if self.neighbours is not None:
-            pick = np.random.default_rng([self.seed, self.epoch, 1 + self.rank]).integers(
-                0, self.neighbours.shape[1], size=len(shard)
-            )
-            partner = self.neighbours[shard, pick]
-        for b in range(len(self)):
-            anchors = shard[b * self.per_batch : (b + 1) * self.per_batch]
-            if partner is None:
-                yield anchors.tolist()
-            else:
-                mates = partner[b * self.per_batch : (b + 1) * self.per_batch]
-                yield np.stack([anchors, mates], axis=1).ravel().tolist()
 
 
 class ReferenceDataModule(L.LightningDataModule):
@@ -397,19 +335,4 @@ class ReferenceDataModule(L.LightningDataModule):
             return []
         rank, world = self._dist()
         shard = np.array_split(np.arange(len(self.val_set)), world)[rank]
-        return self._loader(self.val_set, _FixedBatches(shard, self.batch_size))
-
-
-class _FixedBatches(Sampler[list[int]]):
-    """Consecutive batches over a fixed list of rows."""
-
-    def __init__(self, rows: np.ndarray, batch_size: int) -> None:
-        self.rows = np.asarray(rows)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, len(self.rows), self.batch_size):
-            yield self.rows[start : start + self.batch_size].tolist()
+        return self._loader(self.val_set, FixedBatches(shard, self.batch_size))
