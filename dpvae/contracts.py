@@ -31,12 +31,19 @@ class Cells:
         coords: (n, D) coordinates in the reference's original units.
         index: (n,) cell ids: row numbers in the reference's cell order (``cells("all")``).
         names: (n,) cell names.
+        section: (n,) the name of each cell's section (a reference of several sections keeps
+            each cell's; coordinates of different sections are in unrelated frames), or ``None``
+            for a one-section reference.
+        sections: every section's name, in the reference's order (the first is the default
+            frame prediction imputes into); empty for a one-section reference.
     """
 
     raw: Any
     coords: np.ndarray
     index: np.ndarray
     names: np.ndarray
+    section: np.ndarray | None = None
+    sections: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.index)
