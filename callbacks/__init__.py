@@ -10,12 +10,14 @@ from __future__ import annotations
 from .best_weights import BestWeights
 from .checkpoint import RunCheckpoint
 from .early_stopping import WarmupEarlyStopping
+from .freeze import Freeze
 from .report import Report
 from .run_state import RunState
 from .spatial_validation import SpatialValidation
 
 __all__ = [
     "BestWeights",
+    "Freeze",
     "Report",
     "RunCheckpoint",
     "RunState",

@@ -27,6 +27,10 @@ class SpatialValidation(L.Callback):
     cells are embedded on every rank with the same weights) and the torchmetrics states gather
     across ranks, ordered by cell id, so the logged values equal a single process's.
 
+    A reference of several sections is scored section by section (each section's validation
+    cells against its own training cells, in its own frame; the logged values are the averages
+    weighted by validation cells), since distances between unregistered sections mean nothing.
+
     The datamodule must implement :class:`dpvae.contracts.ReferenceData` (its ``cells("train")``
     and ``cells("val")`` are read), as :class:`dpvae.datamodules.ReferenceDataModule` does.
 
@@ -35,7 +39,8 @@ class SpatialValidation(L.Callback):
             epoch when a checkpoint or early-stopping callback monitors one of these metrics.
         k: reference neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
-        seed: seed of that subsample.
+        max_query: at most this many validation cells (a seeded subsample) are placed and scored.
+        seed: seed of the subsamples.
         n_iter: stress-majorisation iterations of :func:`dpvae.solver.impute` on the latent
             neighbours (0, the default: the neighbours' distance-weighted mean alone).
         expression_weight: weight of the expression principal components in the neighbour search.
@@ -46,6 +51,7 @@ class SpatialValidation(L.Callback):
         every_n_epochs: int = 5,
         k: int = NEIGHBOURS,
         max_reference: int = 50_000,
+        max_query: int = 20_000,
         seed: int = 0,
         n_iter: int = 0,
         expression_weight: float = EXPRESSION_WEIGHT,
@@ -56,6 +62,7 @@ class SpatialValidation(L.Callback):
             every_n_epochs=(every_n_epochs, 1),
             k=(k, 1),
             max_reference=(max_reference, 1),
+            max_query=(max_query, 1),
             n_iter=(n_iter, 0),
             expression_weight=(expression_weight, 0),
         )
@@ -65,8 +72,9 @@ class SpatialValidation(L.Callback):
         self.seed = seed
         self.n_iter = n_iter
         self.expression_weight = expression_weight
-        self.scores: SpatialScores | None = None
-        self.distortion: LatentDistortion | None = None
+        self.max_query = max_query
+        # (scores, distortion) metrics of the whole reference (key None) or of each section
+        self._groups: dict[str | None, tuple[SpatialScores, LatentDistortion]] = {}
         #: (epoch, scores) of the latest validation it scored (read by the Report callback)
         self.latest: tuple[int, dict[str, float]] | None = None
 
@@ -85,19 +93,22 @@ class SpatialValidation(L.Callback):
         watched = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
         if watched & {f"val/{m}" for m in self.METRICS}:
             self.every_n_epochs = 1
-        module: Any = pl_module
-        pre = module.preprocessor
-        # standardised coordinates: the reference's median NN distance in model units
-        self.scores = SpatialScores(
-            task="impute", ref_nn_distance=pre.ref_nn_distance / pre.coord_scale
-        )
-        self.distortion = LatentDistortion()
+        self._groups.clear()
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last
+
+    def _metrics(self, key: str | None, pre: Any) -> tuple[SpatialScores, LatentDistortion]:
+        if key not in self._groups:
+            # standardised coordinates: the reference's median NN distance in model units
+            scores = SpatialScores(
+                task="impute", ref_nn_distance=pre.ref_nn_distance / pre.coord_scale
+            )
+            self._groups[key] = (scores, LatentDistortion())
+        return self._groups[key]
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,34 +118,74 @@ class SpatialValidation(L.Callback):
         val = dm.cells("val")
         if len(val) == 0:
             return
-        assert self.scores is not None and self.distortion is not None
-        device = pl_module.device
-        self.scores.to(device)
-        self.distortion.to(device)
         train = dm.cells("train")
         pre = dm.preprocessor
-        ref_rows = np.arange(len(train))
-        if len(ref_rows) > self.max_reference:
-            rng = np.random.default_rng(self.seed)
-            ref_rows = np.sort(rng.choice(len(ref_rows), self.max_reference, replace=False))
+        rng = np.random.default_rng(self.seed)
+        groups: list[tuple[str | None, np.ndarray, np.ndarray]] = []
+        if val.section is None or train.section is None:
+            groups.append((None, np.arange(len(train)), np.arange(len(val))))
+        else:  # sections are unrelated frames: each is placed and scored on its own
+            for name in val.sections:
+                groups.append(
+                    (
+                        name,
+                        np.flatnonzero(train.section == name),
+                        np.flatnonzero(val.section == name),
+                    )
+                )
+        share = len(groups)
+        results = []
+        for key, ref_rows, val_rows in groups:
+            if len(ref_rows) > self.max_reference // share:
+                ref_rows = np.sort(rng.choice(ref_rows, self.max_reference // share, replace=False))
+            if len(val_rows) > self.max_query // share:
+                val_rows = np.sort(rng.choice(val_rows, self.max_query // share, replace=False))
+            values = self._score(trainer, pl_module, pre, key, train, ref_rows, val, val_rows)
+            results.append((len(val_rows), values))
+        total = sum(n for n, _ in results)
+        values = results[0][1]
+        if len(results) > 1:
+            values = {name: sum(n * v[name] for n, v in results) / total for name in values}
+        for name, value in values.items():
+            pl_module.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        self.latest = (trainer.current_epoch, {k: float(v) for k, v in values.items()})
+
+    def _score(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        pre: Any,
+        key: str | None,
+        train: Any,
+        ref_rows: np.ndarray,
+        val: Any,
+        val_rows: np.ndarray,
+    ) -> dict[str, float]:
+        """Place one section's validation cells (``val_rows``) against its training cells."""
+        scores, distortion = self._metrics(key, pre)
+        device = pl_module.device
+        scores.to(device)
+        distortion.to(device)
         embed: Any = pl_module.embed
         ref_latent, ref_pcs = embed(train.raw[ref_rows], with_pcs=True)
         ref_latent = torch.as_tensor(ref_latent, device=device)
         ref_coords = torch.as_tensor(
-            pre.coords_to_model(train.coords[ref_rows]), dtype=torch.float32, device=device
+            pre.coords_to_model(train.coords[ref_rows], key), dtype=torch.float32, device=device
         )
-        shard = np.array_split(np.arange(len(val)), trainer.world_size)[trainer.global_rank]
+        shard = np.array_split(np.arange(len(val_rows)), trainer.world_size)[trainer.global_rank]
         # every rank embeds all validation cells (same weights, same result): their spread
         # calibrates the training cells' codes as prediction does (calibrate_in_sample)
-        val_latent, val_pcs = embed(val.raw, with_pcs=True)
+        val_latent, val_pcs = embed(val.raw[val_rows], with_pcs=True)
         both = torch.cat([ref_latent, torch.as_tensor(val_latent, device=device)])
         in_sample = torch.arange(len(both), device=device) < len(ref_latent)
         ref_latent = calibrate_in_sample(both, in_sample)[0][: len(ref_latent)]
         latent = torch.as_tensor(val_latent[shard], device=device)
         coords = torch.as_tensor(
-            pre.coords_to_model(val.coords[shard]), dtype=torch.float32, device=device
+            pre.coords_to_model(val.coords[val_rows[shard]], key),
+            dtype=torch.float32,
+            device=device,
         )
-        index = torch.as_tensor(val.index[shard], dtype=torch.int64, device=device)
+        index = torch.as_tensor(val.index[val_rows[shard]], dtype=torch.int64, device=device)
         if len(shard):
             pred = place(
                 latent,
@@ -147,11 +198,9 @@ class SpatialValidation(L.Callback):
                 n_iter=self.n_iter,
                 expression_weight=self.expression_weight,
             )
-            self.scores.update(pred.float(), coords, index)
-            self.distortion.update(latent, coords, index)
-        values = {**self.scores.compute(), **self.distortion.compute()}  # collective: every rank
-        self.scores.reset()
-        self.distortion.reset()
-        for name, value in values.items():
-            pl_module.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
-        self.latest = (trainer.current_epoch, {k: float(v) for k, v in values.items()})
+            scores.update(pred.float(), coords, index)
+            distortion.update(latent, coords, index)
+        values = {**scores.compute(), **distortion.compute()}  # collective: every rank
+        scores.reset()
+        distortion.reset()
+        return {k: float(v) for k, v in values.items()}

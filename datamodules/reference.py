@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +19,71 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpvae.contracts import Cells, Split
 from dpvae.errors import ConfigError, DataError, DPVAEWarning, require, require_at_least
-from dpvae.io import blank_feature_mask, get_coordinates, get_matrix, read_h5ad
-from dpvae.preprocess import Preprocessor, fit_preprocessor, scan_matrix
+from dpvae.io import (
+    blank_feature_mask,
+    check_h5ad,
+    check_missing_genes,
+    get_coordinates,
+    get_matrix,
+    read_h5ad,
+    resolve_references,
+)
+from dpvae.preprocess import (
+    MatrixPart,
+    Preprocessor,
+    extract_rows,
+    fit_frame,
+    fit_preprocessor,
+    scan_matrix,
+)
 
-from .sampling import BatchPlan, FixedBatches, PairedBatchSampler, as_plan
+from .sampling import BatchPlan, FixedBatches, PairedBatchSampler, as_plan, check_pair_options
+from .sources import RowSubset, Section, StoredRows, encoding
 
 
 class CellDataset(Dataset):
-    """Raw expression rows (CSR), standardised coordinates and cell ids, fetched a batch at a time.
+    """Cells' raw expression, standardised coordinates and ids, fetched a batch at a time.
 
-    ``dataset[[i, j, ...]]`` (via ``__getitems__``) returns one batch dict with ``raw`` (B, G)
-    float32, ``coords`` (B, D) float32 and ``index`` (B,) int64 global cell ids.
+    ``dataset[[i, j, ...]]`` (via ``__getitems__``, with a :class:`BatchPlan` or row ids) returns
+    one batch dict with ``raw`` (B, G) float32, ``coords`` (B, D) float32, ``index`` (B,) int64
+    global cell ids, ``section`` (B,) int64 section codes for a reference of several sections, and
+    the plan's pair set. Expression is read from ``raw`` (a CSR matrix in memory or
+    :class:`~dpvae.datamodules.sources.StoredRows` on disk) only when a batch asks for it.
+
+    Args:
+        raw: (N, G) expression the dataset's cells are rows of.
+        coords: (n, D) the dataset's cells' standardised coordinates.
+        index: (n,) their global cell ids.
+        rows: (n,) their rows in ``raw`` (default: the first ``n`` rows).
+        section: (n,) their section codes, or ``None``.
     """
 
-    def __init__(self, raw: sp.csr_matrix, coords: np.ndarray, index: np.ndarray) -> None:
+    def __init__(
+        self,
+        raw: Any,
+        coords: np.ndarray,
+        index: np.ndarray,
+        rows: np.ndarray | None = None,
+        section: np.ndarray | None = None,
+    ) -> None:
         self.raw = raw
         self.coords = torch.as_tensor(coords, dtype=torch.float32)
         self.index = torch.as_tensor(index, dtype=torch.int64)
+        self.rows = np.arange(len(self.index)) if rows is None else np.asarray(rows)
+        self.section = None if section is None else torch.as_tensor(section, dtype=torch.int64)
 
     def __len__(self) -> int:
-        return self.raw.shape[0]
+        return len(self.index)
 
     def __getitems__(self, rows: BatchPlan | Sequence[int]) -> dict[str, torch.Tensor]:
         plan = as_plan(rows)
         rows_arr = plan.rows
-        raw = torch.from_numpy(self.raw[rows_arr].toarray())
+        raw = torch.from_numpy(self.raw[self.rows[rows_arr]].toarray())
         sel = torch.from_numpy(rows_arr)
-        return plan.attach({"raw": raw, "coords": self.coords[sel], "index": self.index[sel]})
+        batch = {"raw": raw, "coords": self.coords[sel], "index": self.index[sel]}
+        if self.section is not None:
+            batch["section"] = self.section[sel]
+        return plan.attach(batch)
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([row])
@@ -55,21 +94,69 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+@dataclass
+class _Opened:
+    """A section while the datamodule sets up (its file handle is closed afterwards)."""
+
+    name: str
+    path: str | None
+    adata: ad.AnnData
+    matrix: Any
+    var_names: list[str]
+    rows: np.ndarray
+    coords: np.ndarray
+    cell_names: np.ndarray
+    owned: bool = True
+
+    def close(self) -> None:
+        if self.owned and self.adata.isbacked:
+            self.adata.file.close()
+        self.adata = self.matrix = None  # type: ignore[assignment]
+
+
+def _file_of(source: Any) -> str | None:
+    """The file a reference source reads from (``None``: an in-memory AnnData)."""
+    if isinstance(source, ad.AnnData):
+        return str(source.filename) if source.isbacked else None
+    return str(source)
+
+
+def _take(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]
+
+
+def _spatial_neighbours(coords: np.ndarray, section: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) each cell's ``k`` nearest spatial neighbours within its own section (int32 rows)."""
+    counts = np.bincount(section)
+    k = max(1, min(k, int(counts[counts > 0].min()) - 1))
+    out = np.empty((len(coords), k), dtype=np.int32 if len(coords) < 2**31 else np.int64)
+    for code in np.flatnonzero(counts):
+        mine = np.flatnonzero(section == code)
+        _, nbrs = cKDTree(coords[mine]).query(coords[mine], k=k + 1)
+        out[mine] = mine[nbrs.reshape(len(mine), k + 1)[:, 1:]]
+    return out
+
+
 class ReferenceDataModule(L.LightningDataModule):
-    """A reference spatial section as training and validation batches.
+    """A reference of one or several spatial sections as training and validation batches.
 
     Implements :class:`dpvae.contracts.ReferenceData` (``preprocessor`` and ``cells(split)``), the
     only parts the pipeline and the callbacks read.
 
-    Reads an ``.h5ad`` (backed when large), applies the input hygiene (drops ``Blank*`` features and
+    Reads each ``.h5ad`` in row chunks, applies the input hygiene (drops ``Blank*`` features and
     cells with zero total expression; cells with non-finite coordinates are an error unless
-    ``drop_nonfinite``), selects the most variable genes on the reference, keeps raw values of the
-    selected genes in a CSR matrix (never densified whole), standardises coordinates with one
-    centre and one scale for all axes, and holds out a seeded validation fraction of cells.
+    ``drop_nonfinite``), keeps the genes every section has, selects the most variable of them over
+    all sections, standardises coordinates per section with one scale common to all, and holds
+    out a seeded validation fraction of every section. Then either keeps the raw values of the
+    selected genes in one CSR matrix (in memory) or nothing (streaming: every batch is read from
+    the files, by the DataLoader's workers, by each DDP rank for its own shard only). Regularizer
+    pairs never cross sections (their frames are unrelated): spatial neighbours are found within
+    a section, and batches carry each cell's section so the model drops cross-section pairs.
 
     Args:
-        reference: path of an ``.h5ad`` file, the name of an embedded dataset (``osmfish``), or an
-            in-memory AnnData.
+        reference: path of an ``.h5ad`` file, the name of an embedded dataset (``osmfish``), an
+            in-memory AnnData, a folder of ``.h5ad`` files, a glob pattern, or a list of these
+            (one section each).
         spatial_key: ``obsm`` key of the coordinates (2-D or 3-D).
         layer: take expression from this layer instead of ``X``.
         n_genes: number of most variable genes to keep (0: all).
@@ -87,13 +174,23 @@ class ReferenceDataModule(L.LightningDataModule):
         neighbour_pairs: pair each sampled cell with a random one of its ``n_neighbours`` nearest
             spatial neighbours in the batch.
         n_neighbours: size of the spatial neighbourhood that partners are drawn from.
+        pair_set, far_pairs, near_weight: each training batch carries its pair set, the
+            (cell, neighbour) pairs weighing ``near_weight`` of the regularizer and ``far_pairs``
+            random far pairs (0: every other in-batch pair) the rest; off: every in-batch pair,
+            equally weighted (see :class:`~dpvae.datamodules.PairedBatchSampler`).
         seed: seed of the validation split and of batch order.
         min_cells: fewest usable cells accepted.
         drop_nonfinite: drop cells with NaN/infinite coordinates instead of failing.
-        backed: ``auto``, ``true`` or ``false`` (see :func:`dpvae.io.read_h5ad`).
+        backed: ``true`` streams batches from disk, ``false`` holds the selected genes in
+            memory, ``auto`` streams when the files exceed ``backed_threshold_mb`` together or
+            under DDP (both give the same batches, so the same model).
         chunk_size: rows read at a time.
         require_counts: the likelihood needs raw non-negative integer counts.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes; ``auto``: 1 when streaming (it reads the next
+            batches while the model trains), 0 in memory.
+        fixed: a trained model's preprocessing (fine-tuning): its genes (matched by name) and
+            expression transforms are kept, only the coordinate frame is fitted on this data.
+        allow_missing_genes: with ``fixed``, go on when more than half of its genes are missing.
     """
 
     def __init__(
@@ -111,6 +208,9 @@ class ReferenceDataModule(L.LightningDataModule):
         batch_size: int = 256,
         neighbour_pairs: bool = True,
         n_neighbours: int = 8,
+        pair_set: bool = False,
+        far_pairs: int = 0,
+        near_weight: float = 0.1,
         seed: int = 0,
         min_cells: int = 10,
         drop_nonfinite: bool = False,
@@ -118,7 +218,9 @@ class ReferenceDataModule(L.LightningDataModule):
         backed_threshold_mb: float = 1024.0,
         chunk_size: int = 2000,
         require_counts: bool = False,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
+        fixed: Preprocessor | None = None,
+        allow_missing_genes: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -133,7 +235,6 @@ class ReferenceDataModule(L.LightningDataModule):
             n_neighbours=(n_neighbours, 1),
             min_cells=(min_cells, 3),
             chunk_size=(chunk_size, 1),
-            num_workers=(num_workers, 0),
             backed_threshold_mb=(backed_threshold_mb, 0),
         )
         require(bool(spatial_key), "data.spatial_key must name an obsm key, e.g. spatial")
@@ -150,6 +251,8 @@ class ReferenceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.neighbour_pairs = neighbour_pairs
         self.n_neighbours = n_neighbours
+        check_pair_options(far_pairs, near_weight)
+        self.pair_set, self.far_pairs, self.near_weight = pair_set, far_pairs, near_weight
         self.seed = seed
         self.min_cells = min_cells
         self.drop_nonfinite = drop_nonfinite
@@ -157,20 +260,29 @@ class ReferenceDataModule(L.LightningDataModule):
         self.backed_threshold_mb = backed_threshold_mb
         self.chunk_size = chunk_size
         self.require_counts = require_counts
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not str(num_workers).isdigit()
+        ):
+            raise ConfigError(
+                f"data.num_workers must be auto or an integer >= 0, got {num_workers!r}"
+            )
         self.num_workers = num_workers
+        self.fixed = fixed
+        self.allow_missing_genes = allow_missing_genes
+        self.streaming = False
+        #: lines worth telling the user about the data (sections, shared genes, streaming)
+        self.notes: list[str] = []
+        self._section_of: np.ndarray | None = None
+        self._sections: tuple[str, ...] = ()
         self._ready = False
         self._preprocessor: Preprocessor | None = None
 
     # ------------------------------------------------------------------ setup
-    def _open(self) -> ad.AnnData:
-        if isinstance(self.reference, ad.AnnData):
-            return self.reference
-        return read_h5ad(self.reference, self.backed, self.backed_threshold_mb)
-
     def prepare_data(self) -> None:
         """Fail early (before any process is spawned) on a missing or unreadable file."""
-        if not isinstance(self.reference, ad.AnnData):
-            read_h5ad(self.reference, backed=True)
+        for _, source in resolve_references(self.reference):
+            if not isinstance(source, ad.AnnData):
+                read_h5ad(source, backed=True)
 
     @staticmethod
     def _flag(value: str | bool, auto: bool, name: str) -> bool:
@@ -180,61 +292,107 @@ class ReferenceDataModule(L.LightningDataModule):
             return value
         raise ConfigError(f"data.{name} must be auto, true or false, got {value!r}")
 
+    def _streaming(self, sources: list[tuple[str, Any]], world: int) -> bool:
+        """Whether training batches are read from disk (``data.backed``; auto: large or DDP)."""
+        if self.backed not in ("auto", True, False):
+            raise ConfigError(f"data.backed must be auto, true or false, got {self.backed!r}")
+        paths = [_file_of(source) for _, source in sources]
+        if self.backed is False or any(p is None for p in paths):
+            if self.backed is True:
+                raise ConfigError(
+                    "data.backed=true streams from .h5ad files, but the reference is an in-memory "
+                    "AnnData; write it with adata.write_h5ad and pass the path, or use "
+                    "data.backed=auto"
+                )
+            return False
+        layouts = {p: encoding(check_h5ad(p), self.layer) for p in paths if p is not None}
+        column_major = [p for p, e in layouts.items() if e not in ("csr_matrix", "array", None)]
+        if self.backed is True and column_major:
+            raise DataError(
+                f"{column_major[0]}: its expression matrix is stored by columns "
+                f"({layouts[column_major[0]]}), which cannot be streamed by rows; rewrite it "
+                "with adata.X = adata.X.tocsr(); adata.write_h5ad(...), or set data.backed=false"
+            )
+        if self.backed is True:
+            return True
+        size_mb = sum(Path(p).stat().st_size for p in layouts) / 2**20
+        return not column_major and (size_mb > self.backed_threshold_mb or world > 1)
+
     def setup(self, stage: str | None = None) -> None:
-        """Read, clean, select genes and split (idempotent; the same on every DDP rank)."""
+        """Read, clean, select genes and split (idempotent; the same on every DDP rank).
+
+        Every pass over expression reads row chunks; the in-memory path then keeps the selected
+        genes of the usable cells in one CSR matrix, the streaming path keeps none (batches are
+        read from the files, see :class:`~dpvae.datamodules.sources.StoredRows`).
+        """
         if self._ready:
             return
-        adata = self._open()
-        coords = get_coordinates(adata, self.spatial_key)
-        matrix = get_matrix(adata, self.layer)
-        cell_names = np.asarray(adata.obs_names).astype(str)
-        if len(set(cell_names)) < len(cell_names):
-            repeated = len(cell_names) - len(set(cell_names))
-            cell_names = np.asarray(ad.utils.make_index_unique(pd.Index(cell_names)))
-            warnings.warn(
-                f"{repeated} reference cell names are repeated; made unique with a -1, -2 ... "
-                "suffix",
-                DPVAEWarning,
-                stacklevel=2,
-            )
-
-        finite = np.all(np.isfinite(coords), axis=1)
-        if not finite.all():
-            bad = int((~finite).sum())
-            if not self.drop_nonfinite:
-                raise DataError(
-                    f"{bad} cells have non-finite coordinates in obsm['{self.spatial_key}']; "
-                    "remove them or set data.drop_nonfinite=true"
-                )
-            warnings.warn(
-                f"dropping {bad} cells with non-finite coordinates", DPVAEWarning, stacklevel=2
-            )
-        gene_mask = blank_feature_mask(adata.var_names)
-        if not gene_mask.any():
-            raise DataError("no genes left after dropping Blank* control features")
-        rows = np.flatnonzero(finite)
-        stats = scan_matrix(matrix, rows, gene_mask, self.chunk_size)
-        totals = np.asarray(stats["totals"])
-        nonzero = totals > 0
-        rows, totals = rows[nonzero], totals[nonzero]
-        if len(rows) < self.min_cells:
+        sources = resolve_references(self.reference)
+        _, world = self._dist()
+        streaming = self.fixed is None and self._streaming(sources, world)
+        opened = [
+            self._read_section(name, source, streaming, len(sources) > 1)
+            for name, source in sources
+        ]
+        names = [s.name for s in opened]
+        multi = len(opened) > 1
+        dims = {s.coords.shape[1] for s in opened}
+        if len(dims) > 1:
+            shown = ", ".join(f"{s.name} ({s.coords.shape[1]}-D)" for s in opened)
             raise DataError(
-                f"only {len(rows)} usable cells (non-zero expression, finite coordinates); "
-                f"dpvae needs at least {self.min_cells}"
+                f"the sections have different coordinate dimensions: {shown}; give sections with "
+                "the same axes"
             )
-        minimum = float(stats["minimum"])
-        count_data = bool(stats["is_integer"]) and minimum >= 0
-        if self.require_counts:
-            if minimum < 0:
+        if self.fixed is not None:
+            self._setup_fixed(opened)
+            return
+        # candidate genes: the first section's kept genes that every section has
+        kept = [
+            [str(g) for g, keep in zip(s.var_names, blank_feature_mask(s.var_names)) if keep]
+            for s in opened
+        ]
+        if not kept[0]:
+            raise DataError("no genes left after dropping Blank* control features")
+        common = set(kept[0]).intersection(*map(set, kept[1:]))
+        genes = [g for g in kept[0] if g in common]
+        if not genes:
+            shown = ", ".join(f"{s.name} has {len(k)}" for s, k in zip(opened, kept))
+            raise DataError(
+                f"the sections share no gene ({shown}, after dropping Blank* controls); check "
+                "that they use the same gene ids"
+            )
+        self.notes = []
+        if multi:
+            self.notes.append(
+                f"{len(opened)} sections ({', '.join(names)}): {len(genes)} genes shared by all "
+                f"(of {', '.join(str(len(k)) for k in kept)})"
+            )
+        parts = []
+        is_integer, minimum = True, np.inf
+        for s in opened:
+            position = {str(g): i for i, g in enumerate(s.var_names)}
+            cols = np.array([position[g] for g in genes], dtype=np.int64)
+            mask = np.zeros(len(s.var_names), dtype=bool)
+            mask[cols] = True
+            stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
+            totals = np.asarray(stats["totals"])
+            nonzero = totals > 0
+            s.rows, s.coords, s.cell_names = (
+                s.rows[nonzero],
+                s.coords[nonzero],
+                s.cell_names[nonzero],
+            )
+            if len(s.rows) < self.min_cells:
+                where = f"section {s.name} has" if multi else "there are"
                 raise DataError(
-                    f"the likelihood needs raw counts but the data has negative values (min "
-                    f"{minimum:g}); use model.likelihood=gaussian or point data.layer at raw counts"
+                    f"{where} only {len(s.rows)} usable cells (non-zero expression, finite "
+                    f"coordinates); dpvae needs at least {self.min_cells}"
                 )
-            if not stats["is_integer"]:
-                raise DataError(
-                    "the likelihood needs raw integer counts but the data holds non-integer values "
-                    "(normalised?); use model.likelihood=gaussian or point data.layer at raw counts"
-                )
+            parts.append(MatrixPart(s.matrix, s.rows, cols, totals[nonzero]))
+            is_integer = is_integer and bool(stats["is_integer"])
+            minimum = min(minimum, float(stats["minimum"]))
+        count_data = is_integer and minimum >= 0
+        self._check_counts(is_integer, minimum)
         normalize = self._flag(self.normalize, count_data, "normalize")
         log1p = self._flag(self.log1p, minimum >= 0, "log1p")
         if minimum < 0 and self.normalize == "auto" and self.log1p == "auto":
@@ -246,47 +404,251 @@ class ReferenceDataModule(L.LightningDataModule):
                 stacklevel=2,
             )
 
-        n = len(rows)
+        sizes = [len(s.rows) for s in opened]
+        train_idx, val_idx = self._split_cells(sizes)
+        coords = np.concatenate([s.coords for s in opened])
+        section_of = np.repeat(np.arange(len(opened)), sizes)
+        self._preprocessor, selected = fit_preprocessor(
+            parts,
+            genes,
+            train_idx,
+            coords,
+            count_data=count_data,
+            normalize=normalize,
+            log1p=log1p,
+            sections=names,
+            section_of=section_of,
+            n_genes=self.n_genes_requested,
+            scale=self.scale,
+            n_pcs=self.n_pcs,
+            neighbour_pcs=self.neighbour_pcs,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+        )
+        raw: Any
+        if streaming:
+            raw = StoredRows(
+                [
+                    Section(str(s.path), self.layer, s.rows, p.cols[selected])
+                    for s, p in zip(opened, parts)
+                ]
+            )
+            self.notes.append(f"streaming the reference from disk ({raw.shape[0]} cells)")
+        else:
+            blocks = [
+                extract_rows(p.matrix, p.rows, p.cols[selected], self.chunk_size) for p in parts
+            ]
+            raw = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        for s in opened:
+            s.close()
+        self._finish(opened, raw, coords, section_of, train_idx, val_idx, streaming)
+
+    def _finish(
+        self,
+        opened: list[_Opened],
+        raw: Any,
+        coords: np.ndarray,
+        section_of: np.ndarray,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        streaming: bool,
+    ) -> None:
+        """Standardised coordinates, unique names, the datasets and the spatial neighbours."""
+        assert self._preprocessor is not None
+        pre = self._preprocessor
+        multi = len(opened) > 1
+        names = [s.name for s in opened]
+        n = len(coords)
+        std_coords = np.empty_like(coords)
+        for code, s in enumerate(opened):
+            mine = section_of == code
+            std_coords[mine] = pre.coords_to_model(coords[mine], s.name if multi else None)
+        cell_names = np.concatenate([s.cell_names for s in opened])
+        if multi and len(set(cell_names.tolist())) < n:
+            cell_names = np.concatenate([np.char.add(f"{s.name}:", s.cell_names) for s in opened])
+            warnings.warn(
+                "cell names repeat across sections; every cell is named SECTION:NAME",
+                DPVAEWarning,
+                stacklevel=2,
+            )
+        self.streaming = streaming
+        self._raw = raw
+        self._coords = coords
+        self._names = cell_names
+        self._section_of = section_of if multi else None
+        self._sections = tuple(names) if multi else ()
+        self._split = {"train": train_idx, "val": val_idx, "all": np.arange(n)}
+        sec = None if not multi else section_of
+        self.train_set = CellDataset(
+            raw, std_coords[train_idx], train_idx, train_idx, _take(sec, train_idx)
+        )
+        self.val_set = CellDataset(raw, std_coords[val_idx], val_idx, val_idx, _take(sec, val_idx))
+        self.train_neighbours = None
+        if self.neighbour_pairs:
+            self.train_neighbours = _spatial_neighbours(
+                std_coords[train_idx], section_of[train_idx], self.n_neighbours
+            )
+        self._ready = True
+
+    def _setup_fixed(self, opened: list[_Opened]) -> None:
+        """Set up on a trained model's genes and expression preprocessing (fine-tuning).
+
+        The data's genes are matched to the model's by name (missing ones are zero, with the
+        rules of prediction: a warning, an error above half of them); only the coordinate frame
+        is fitted anew, on these cells. Held in memory (fine-tuning data are a few cells).
+        """
+        assert self.fixed is not None
+        genes = list(self.fixed.genes)
+        multi = len(opened) > 1
+        blocks, is_integer, minimum = [], True, np.inf
+        for s in opened:
+            where = f"section {s.name}" if multi else "the data"
+            position = {g: i for i, g in enumerate(s.var_names)}
+            present = np.array([i for i, g in enumerate(genes) if g in position], dtype=np.int64)
+            if len(present) == 0:
+                raise DataError(
+                    f"{where} shares no gene with the model's {len(genes)} genes (e.g. "
+                    f"{', '.join(genes[:3])}); check that both use the same gene ids"
+                )
+            check_missing_genes(
+                len(genes) - len(present), len(genes), where, self.allow_missing_genes
+            )
+            cols = np.array([position[genes[i]] for i in present], dtype=np.int64)
+            mask = np.zeros(len(s.var_names), dtype=bool)
+            mask[cols] = True
+            stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
+            nonzero = np.asarray(stats["totals"]) > 0
+            s.rows, s.coords, s.cell_names = (
+                s.rows[nonzero],
+                s.coords[nonzero],
+                s.cell_names[nonzero],
+            )
+            if len(s.rows) < self.min_cells:
+                raise DataError(
+                    f"{where} has only {len(s.rows)} usable cells (non-zero expression over the "
+                    f"model's genes, finite coordinates); at least {self.min_cells} are needed"
+                )
+            part = extract_rows(s.matrix, s.rows, cols, self.chunk_size).tocoo()
+            blocks.append(
+                sp.csr_matrix(
+                    (part.data, (part.row, present[part.col])),
+                    shape=(len(s.rows), len(genes)),
+                    dtype=np.float32,
+                )
+            )
+            is_integer = is_integer and bool(stats["is_integer"])
+            minimum = min(minimum, float(stats["minimum"]))
+        self._check_counts(is_integer, minimum)
+        names = [s.name for s in opened]
+        sizes = [len(s.rows) for s in opened]
+        train_idx, val_idx = self._split_cells(sizes)
+        coords = np.concatenate([s.coords for s in opened])
+        section_of = np.repeat(np.arange(len(opened)), sizes)
+        centers, spread, nn_distance = fit_frame(
+            coords, train_idx, names if multi else (), section_of
+        )
+        self._preprocessor = replace(
+            self.fixed,
+            coord_center=centers[0].tolist(),
+            coord_scale=spread,
+            ref_nn_distance=nn_distance,
+            sections=names if multi else [],
+            section_centers=centers.tolist() if multi else [],
+        )
+        raw = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        for s in opened:
+            s.close()
+        self.notes.append(
+            f"fine-tuning data: {len(coords)} cells on the model's {len(genes)} genes"
+        )
+        self._finish(opened, raw, coords, section_of, train_idx, val_idx, False)
+
+    def _read_section(self, name: str, source: Any, streaming: bool, multi: bool) -> _Opened:
+        """One section's metadata, usable rows (finite coordinates) and matrix handle."""
+        try:
+            if isinstance(source, ad.AnnData):
+                adata = source
+            else:
+                mode = True if streaming else self.backed
+                adata = read_h5ad(source, mode, self.backed_threshold_mb)
+            coords = get_coordinates(adata, self.spatial_key)
+            matrix = get_matrix(adata, self.layer)
+        except DataError as exc:
+            if not multi:
+                raise
+            raise DataError(f"section {name}: {exc}") from exc
+        cell_names = np.asarray(adata.obs_names).astype(str)
+        if len(set(cell_names.tolist())) < len(cell_names):
+            repeated = len(cell_names) - len(set(cell_names.tolist()))
+            cell_names = np.asarray(ad.utils.make_index_unique(pd.Index(cell_names))).astype(str)
+            warnings.warn(
+                f"{repeated} reference cell names are repeated{f' in {name}' if multi else ''}; "
+                "made unique with a -1, -2 ... suffix",
+                DPVAEWarning,
+                stacklevel=3,
+            )
+        finite = np.all(np.isfinite(coords), axis=1)
+        if not finite.all():
+            bad = int((~finite).sum())
+            where = f" of {name}" if multi else ""
+            if not self.drop_nonfinite:
+                raise DataError(
+                    f"{bad} cells{where} have non-finite coordinates in "
+                    f"obsm['{self.spatial_key}']; remove them or set data.drop_nonfinite=true"
+                )
+            warnings.warn(
+                f"dropping {bad} cells{where} with non-finite coordinates",
+                DPVAEWarning,
+                stacklevel=3,
+            )
+        rows = np.flatnonzero(finite)
+        return _Opened(
+            name=name,
+            path=_file_of(source),
+            adata=adata,
+            matrix=matrix,
+            var_names=[str(g) for g in adata.var_names],
+            rows=rows,
+            coords=coords[rows],
+            cell_names=cell_names[rows],
+            owned=not isinstance(source, ad.AnnData),
+        )
+
+    def _check_counts(self, is_integer: bool, minimum: float) -> None:
+        if not self.require_counts:
+            return
+        if minimum < 0:
+            raise DataError(
+                f"the likelihood needs raw counts but the data has negative values (min "
+                f"{minimum:g}); use model.likelihood=gaussian or point data.layer at raw counts"
+            )
+        if not is_integer:
+            raise DataError(
+                "the likelihood needs raw integer counts but the data holds non-integer values "
+                "(normalised?); use model.likelihood=gaussian or point data.layer at raw counts"
+            )
+
+    def _split_cells(self, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded validation cells, a ``val_fraction`` of every section (training: the rest)."""
+        n = sum(sizes)
         n_val = int(round(self.val_fraction * n))
         if self.val_fraction > 0 and (n_val < 2 or n - n_val < self.min_cells):
             raise DataError(
                 f"{n} usable cells are too few to hold out data.val_fraction={self.val_fraction} "
                 "for validation; lower it (0 disables validation) or use a larger reference"
             )
-        perm = np.random.default_rng(self.seed).permutation(n)
-        val_idx = np.sort(perm[:n_val])
-        train_idx = np.sort(perm[n_val:])
-        coords = coords[rows]
-        self._preprocessor, raw = fit_preprocessor(
-            matrix,
-            adata.var_names,
-            rows,
-            train_idx,
-            coords,
-            gene_mask=gene_mask,
-            totals=totals,
-            count_data=count_data,
-            normalize=normalize,
-            log1p=log1p,
-            n_genes=self.n_genes_requested,
-            scale=self.scale,
-            n_pcs=self.n_pcs,
-            neighbour_pcs=self.neighbour_pcs,
-            chunk_size=self.chunk_size,
-        )
-        std_coords = self._preprocessor.coords_to_model(coords)
-        self._raw = raw
-        self._coords = coords
-        self._names = cell_names[rows]
-        self._split = {"train": train_idx, "val": val_idx, "all": np.arange(n)}
-        self.train_set = CellDataset(raw[train_idx], std_coords[train_idx], train_idx)
-        self.val_set = CellDataset(raw[val_idx], std_coords[val_idx], val_idx)
-        self.train_neighbours = None
-        if self.neighbour_pairs:
-            k = min(self.n_neighbours, len(train_idx) - 1)
-            _, nbrs = cKDTree(std_coords[train_idx]).query(std_coords[train_idx], k=k + 1)
-            self.train_neighbours = nbrs[:, 1:].reshape(len(train_idx), k)
-        self._ready = True
+        if len(sizes) == 1:
+            perm = np.random.default_rng(self.seed).permutation(n)
+            return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        train, val = [], []
+        start = 0
+        for code, size in enumerate(sizes):
+            perm = start + np.random.default_rng([self.seed, code]).permutation(size)
+            k = int(round(self.val_fraction * size))
+            val.append(perm[:k])
+            train.append(perm[k:])
+            start += size
+        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
     # ------------------------------------------------------ the ReferenceData contract
     @property
@@ -297,10 +659,24 @@ class ReferenceDataModule(L.LightningDataModule):
         return self._preprocessor
 
     def cells(self, split: Split) -> Cells:
-        """The training, validation or all usable reference cells (after :meth:`setup`)."""
+        """The training, validation or all usable reference cells (after :meth:`setup`).
+
+        ``raw`` reads the cells' expression when sliced (from memory or from disk) and holds no
+        copy of its own.
+        """
         rows = self._split[split]
-        raw = self._raw if split == "all" else self._raw[rows]
-        return Cells(raw=raw, coords=self._coords[rows], index=rows, names=self._names[rows])
+        raw = self._raw if split == "all" else RowSubset(self._raw, rows)
+        section = None
+        if self._section_of is not None:
+            section = np.asarray(self._sections, dtype=object)[self._section_of[rows]]
+        return Cells(
+            raw=raw,
+            coords=self._coords[rows],
+            index=rows,
+            names=self._names[rows],
+            section=section,
+            sections=self._sections,
+        )
 
     @property
     def n_genes(self) -> int:
@@ -314,19 +690,37 @@ class ReferenceDataModule(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     # ----------------------------------------------------------- dataloaders
+    def _workers(self) -> int:
+        if self.num_workers == "auto":
+            return 1 if self.streaming else 0
+        return int(self.num_workers)
+
     def _loader(self, dataset: CellDataset, sampler: Sampler) -> DataLoader:
+        workers = self._workers()
+        # workers are not persistent: a fresh iterator every epoch draws the loader's seed from the
+        # global generator exactly as the in-process loader does, so the model's random stream
+        # (dropout, sampling) and the trained model are the same with any number of workers
         return DataLoader(
             dataset,
             batch_sampler=sampler,
             collate_fn=_identity,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._dist()
         sampler = PairedBatchSampler(
-            len(self.train_set), self.train_neighbours, self.batch_size, self.seed, rank, world
+            len(self.train_set),
+            self.train_neighbours,
+            self.batch_size,
+            self.seed,
+            rank,
+            world,
+            pair_set=self.pair_set,
+            far_pairs=self.far_pairs,
+            near_weight=self.near_weight,
         )
         return self._loader(self.train_set, sampler)
 

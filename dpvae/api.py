@@ -16,6 +16,7 @@ composition root (:func:`dpvae.pipeline.train`) in memory: nothing is written un
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,11 +98,27 @@ class Model:
 
         ``mode="impute"`` places them in the reference's frame (the model's own reference cells,
         or ``reference=`` an ``.h5ad``/AnnData with coordinates); ``mode="reconstruct"`` gives
-        their own layout up to rigid motion. Other keywords are those of
+        their own layout up to rigid motion. ``reference_section``: for a reference of several
+        sections, the one whose frame the cells are placed in (``None``: the first; an unknown
+        name is a :class:`~dpvae.errors.ConfigError` listing them). Other keywords are those of
         :func:`dpvae.placement.predict` (``k``, ``layer``, ``align_query``, ``n_iter``,
         ``expression_weight``, ``spatial_key``).
         """
         return self._predict(adata, reference, mode=mode, **kwargs).coords
+
+    def predict_with_radius(
+        self,
+        adata: ad.AnnData,
+        reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
+        **kwargs: Any,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(coordinates, radius)`` of ``adata``'s cells placed by impute: each cell's true
+        position lies within ``radius`` (in the output frame's units) of its placement with 90%
+        probability, calibrated on reference cells (:func:`dpvae.placement.conformal_radius`;
+        NaN for a reference of fewer than 4 cells). Keywords as :meth:`predict`."""
+        pred = self._predict(adata, reference, mode="impute", **kwargs)
+        radius = pred.radius if pred.radius is not None else np.full(len(pred.coords), np.nan)
+        return pred.coords, radius
 
     def annotate(
         self,
@@ -111,12 +128,39 @@ class Model:
         **kwargs: Any,
     ) -> ad.AnnData:
         """:meth:`predict` and write the result into ``adata`` (returned): ``obsm['spatial_dpvae']``,
-        ``obsm['X_dpvae']`` and ``uns['dpvae']`` (mode, genes, lambda, scores when ``adata`` has
-        true coordinates)."""
+        ``obsm['X_dpvae']``, ``obs['dpvae_radius90']`` (impute: each cell's 90% radius) and
+        ``uns['dpvae']`` (mode, genes, lambda, how the radius was calibrated, scores when ``adata``
+        has true coordinates)."""
         if adata.isbacked:
             adata = adata.to_memory()
         self._predict(adata, reference, mode=mode, **kwargs).write_to(adata)
         return adata
+
+    def fine_tune(self, anchors: ad.AnnData | str | Path, *overrides: str) -> Model:
+        """A copy of this model fine-tuned on ``anchors``: cells of a new section with known
+        positions (``obsm['spatial']``), on this model's genes (matched by name).
+
+        The short schedule of ``train.py init_from=...`` (``overrides`` as in :func:`fit`); the
+        returned model's reference cells are the anchors, so :meth:`predict` places the rest of
+        that section in the anchors' frame.
+        """
+        from dpvae import pipeline
+        from dpvae.config import load_config, to_plain
+        from dpvae.placement import embed_reference
+
+        head = ["logger=none", "init_from=<model in memory>"]
+        head.append(
+            f"data.reference={anchors}"
+            if isinstance(anchors, str | Path)
+            else "data.reference=<AnnData in memory>"
+        )
+        cfg = load_config([*head, *overrides])
+        with _quiet_lightning(bool(cfg.get("verbose", False))):
+            done = pipeline.train(
+                cfg, reference=_as_reference(anchors), init=copy.deepcopy(self.module)
+            )
+        module = done.model.cpu().eval()
+        return Model(module, embed_reference(module, done.data), to_plain(cfg))
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a run folder: ``model.ckpt``, ``embedding.h5ad`` and ``config.yaml`` (if known).
@@ -187,18 +231,23 @@ class _quiet_lightning:
         self._warnings.__exit__(*exc)
 
 
-def _as_reference(reference: ad.AnnData | str | Path) -> Any:
-    """An AnnData stays in memory; a path is read by the datamodule (backed when large)."""
+def _as_reference(reference: Any) -> Any:
+    """AnnData objects stay in memory; paths are read by the datamodule (streamed when large)."""
+    if isinstance(reference, list | tuple):
+        return None if all(isinstance(r, str | Path) for r in reference) else list(reference)
     return reference if not isinstance(reference, str | Path) else None
 
 
 def fit(
-    reference: ad.AnnData | str | Path,
+    reference: ad.AnnData | str | Path | Sequence[ad.AnnData | str | Path],
     *overrides: str,
     spatial_key: str = "spatial",
     layer: str | None = None,
 ) -> Model:
-    """Train on ``reference`` (an AnnData or an ``.h5ad`` path) and return the :class:`Model`.
+    """Train on ``reference`` and return the :class:`Model`.
+
+    ``reference``: an AnnData, an ``.h5ad`` path, a folder of them, or a list of these (one
+    section each, see the README's "Atlases").
 
     ``overrides`` are the command line's ``key=value`` strings (``"trainer.max_epochs=30"``,
     ``"model.likelihood=nb"``); ``spatial_key`` and ``layer`` say where the coordinates and the
@@ -211,11 +260,12 @@ def fit(
     head = ["logger=none", f"data.spatial_key={spatial_key}"]
     if layer is not None:
         head.append(f"data.layer={layer}")
-    head.append(
-        f"data.reference={reference}"
-        if isinstance(reference, str | Path)
-        else "data.reference=<AnnData in memory>"
-    )
+    if isinstance(reference, str | Path):
+        head.append(f"data.reference={reference}")
+    elif _as_reference(reference) is None:  # a list of paths
+        head.append(f"data.reference=[{','.join(str(r) for r in reference)}]")
+    else:
+        head.append("data.reference=<AnnData in memory>")
     cfg = load_config([*head, *overrides])
     with _quiet_lightning(bool(cfg.get("verbose", False))):
         done = pipeline.train(cfg, reference=_as_reference(reference))

@@ -243,6 +243,8 @@ def train_work(cfg: DictConfig) -> int:
         if logger:
             logger.log_hyperparams(plain)
         where = f"resuming from {resume_from}" if resume_from else "training"
+        for note in getattr(data, "notes", ()):
+            print(f"dpvae: {note}", file=sys.stderr)
         n_train, n_val = len(data.cells("train")), len(data.cells("val"))
         print(
             f"dpvae: {where}: {len(data.preprocessor.genes)} genes, {n_train} train / "
@@ -313,39 +315,82 @@ def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     return query, output
 
 
+#: Query files above this size are read a row block at a time from disk (backed) and the output
+#: is written by copying the query file and adding the prediction to the copy, so memory does
+#: not grow with the query's matrix; smaller queries are read into memory.
+STREAM_QUERY_MB = 1024.0
+
+
 def predict_work(cfg: DictConfig) -> int:
     """Predict from a composed ``predict.yaml`` configuration."""
     import warnings
 
     from dpvae.api import load
     from dpvae.errors import DataError, DPVAEWarning
-    from dpvae.io import read_h5ad, write_h5ad_atomic
+    from dpvae.io import read_h5ad, resolve_path, write_h5ad_atomic
 
     query_path, output = _check_predict(cfg)
     model = load(cfg.checkpoint)
-    query = read_h5ad(query_path, backed=False)
-    if cfg.plot and cfg.plot not in query.obs and cfg.plot not in query.var_names:
-        raise DataError(f"plot={cfg.plot}: neither an obs column nor a gene of the query")
+    query = read_h5ad(query_path, backed="auto", backed_threshold_mb=STREAM_QUERY_MB)
+    stream = bool(query.isbacked)
+    from dpvae.placement import RADIUS_KEY
+
+    radius_plot = cfg.plot == RADIUS_KEY and cfg.mode == "impute"
+    if (
+        cfg.plot
+        and not radius_plot
+        and cfg.plot not in query.obs
+        and cfg.plot not in query.var_names
+    ):
+        raise DataError(
+            f"plot={cfg.plot}: neither an obs column nor a gene of the query (or {RADIUS_KEY}, "
+            "each cell's 90% radius)"
+        )
+    options = dict(
+        mode=cfg.mode,
+        reference=cfg.reference,
+        k=cfg.k,
+        spatial_key=cfg.spatial_key,
+        layer=cfg.layer,
+        n_iter=cfg.n_iter,
+        expression_weight=cfg.expression_weight,
+        align_query=cfg.align_query,
+        allow_missing_genes=cfg.allow_missing_genes,
+        reference_section=cfg.reference_section,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model.annotate(
-            query,
-            mode=cfg.mode,
-            reference=cfg.reference,
-            k=cfg.k,
-            spatial_key=cfg.spatial_key,
-            layer=cfg.layer,
-            n_iter=cfg.n_iter,
-            expression_weight=cfg.expression_weight,
-            align_query=cfg.align_query,
-            allow_missing_genes=cfg.allow_missing_genes,
-        )
+        if stream:
+            pred = model._predict(query, **options)
+        else:
+            out = model.annotate(query, **options)
     for w in caught:
         if issubclass(w.category, DPVAEWarning):
             print(f"dpvae: warning: {w.message}", file=sys.stderr)
-    write_h5ad_atomic(out, output)
-    print(f"dpvae: wrote {output} ({out.n_obs} cells, mode={out.uns['dpvae']['mode']})")
-    scores = out.uns["dpvae"].get("scores")
+    if stream:
+        n_cells = query.n_obs
+        query.file.close()
+        pred.write_beside(resolve_path(query_path), output)
+        info = pred.info
+        del pred
+    else:
+        n_cells = out.n_obs
+        write_h5ad_atomic(out, output)
+        info = out.uns["dpvae"]
+    where = ""
+    if info.get("reference_section") is not None:
+        where = (
+            f", reference section {info['reference_section']} of "
+            f"{info.get('n_reference_sections', 1)}"
+        )
+    radius = info.get("radius")
+    if radius:
+        where += (
+            f"; 90% radius: median {radius['median_cell_spacings']:.2f} cell spacings "
+            f"(obs['{radius['obs_key']}'])"
+        )
+    print(f"dpvae: wrote {output} ({n_cells} cells, mode={info['mode']}{where})")
+    scores = info.get("scores")
     if scores:
         from dpvae.metrics import format_scores
 
@@ -353,7 +398,8 @@ def predict_work(cfg: DictConfig) -> int:
     if cfg.plot:
         from dpvae.plotting import plot_prediction
 
-        png = plot_prediction(out, cfg.plot, output.with_suffix(".png"), cfg.spatial_key)
+        shown = read_h5ad(output, backed=True) if stream else out
+        png = plot_prediction(shown, cfg.plot, output.with_suffix(".png"), cfg.spatial_key)
         print(f"dpvae: wrote {png}")
     return 0
 

@@ -88,7 +88,13 @@ def _run_name(*, _root_: Any) -> str:
             node.pop(last, None)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
     data: Any = tree.get("data") if isinstance(tree.get("data"), dict) else {}
-    stem = Path(str(data.get("reference", "run"))).name.removesuffix(".h5ad") or "run"
+    reference = data.get("reference", "run")
+    many = isinstance(reference, list) and len(reference) > 1
+    if isinstance(reference, list):
+        reference = reference[0] if reference else "run"
+    stem = Path(str(reference)).name.removesuffix(".h5ad") or "run"
+    if many:
+        stem += f"+{len(data['reference']) - 1}"
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)[:40]}-{digest[:10]}"
 
 
@@ -213,6 +219,11 @@ def _parse_override(text: str) -> tuple[str, Any, bool]:
 
 #: keys besides sections and ``trainer.*`` where null means a library's default
 NULLABLE = ("threads",)
+#: text keys that also take a list of texts (several files)
+TEXT_OR_LIST = ("data.reference",)
+#: root-file section of profiles: ``{KEY: {dotted key: value}}``, values that replace defaults
+#: when KEY is set on the command line (train.yaml's fine-tuning schedule under ``init_from``)
+PROFILES_KEY = "_profiles_"
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -250,6 +261,8 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str | int | float | bool):
             return value if isinstance(value, str | bool) else str(value)
+        if key in TEXT_OR_LIST and isinstance(value, list) and value:
+            return [_coerce(f"{key}[{i}]", default, v) for i, v in enumerate(value)]
     elif isinstance(default, list):
         if isinstance(value, str) and "," in value:
             value = [_parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
@@ -340,7 +353,15 @@ def load_config(
     for key in selections:
         _set_value(base, key, selections[key], add=True)
     composed = _compose(base, [], roots, selections)
+    profiles = composed.pop(PROFILES_KEY, None) or {}
     defaults: Any = OmegaConf.to_container(_resolved(composed), resolve=False)
+    given = {key for key, _, _ in values}
+    for trigger, profile in profiles.items():
+        # a profile's values replace defaults when its key is set (explicit overrides still win)
+        if any(key == trigger and value not in (None, "") for key, value, _ in values):
+            for key, value in profile.items():
+                if key not in given:
+                    _set_value(composed, key, value, False, defaults)
     for key, value, add in values:
         _set_value(composed, key, value, add, defaults)
     cfg = _resolved(composed)
@@ -366,6 +387,7 @@ def flat_defaults(
         raise ConfigError(f"no {root_file} found in {', '.join(map(str, roots))}")
     comments = _comments(root / root_file, [])
     composed = _compose(_load_yaml(root / root_file), [], roots, {})
+    composed.pop(PROFILES_KEY, None)
 
     def walk(node: Any, path: list[str]) -> list[tuple[str, Any, str]]:
         out: list[tuple[str, Any, str]] = []

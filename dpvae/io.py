@@ -33,6 +33,92 @@ def resolve_path(path: str | Path) -> Path:
     return Path(text).expanduser()
 
 
+def _glob_chars(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def resolve_references(reference: Any) -> list[tuple[str, Any]]:
+    """A reference argument as ``(section name, path or AnnData)`` pairs, in order.
+
+    ``reference``: an AnnData, a path or embedded dataset name, a folder (its ``*.h5ad`` files,
+    sorted by name), a glob pattern, or a list of any of these. Section names are the file names
+    without ``.h5ad`` (made unique with ``-1``, ``-2`` ...; ``section0`` ... for AnnData objects).
+
+    Raises:
+        DataError: a listed file does not exist (named), the same file is listed twice, a folder or
+            pattern matches no ``.h5ad`` file, or the list is empty.
+    """
+    items = list(reference) if isinstance(reference, list | tuple) else [reference]
+    if not hasattr(reference, "obs_names") and not items:
+        raise DataError("data.reference is an empty list; give at least one .h5ad file")
+    found: list[tuple[str, Any]] = []
+    for pos, item in enumerate(items):
+        if hasattr(item, "obs_names"):
+            found.append((f"section{pos}", item))
+            continue
+        text = str(item)
+        p = resolve_path(text)
+        if text not in EMBEDDED and _glob_chars(text) and not p.exists():
+            matches = sorted(Path(m) for m in __import__("glob").glob(str(p)))
+            matches = [m for m in matches if m.suffix == ".h5ad" and m.is_file()]
+            if not matches:
+                raise DataError(f"{text}: the pattern matches no .h5ad file")
+            found += [(m.name.removesuffix(".h5ad"), m) for m in matches]
+        elif p.is_dir():
+            matches = sorted(m for m in p.glob("*.h5ad") if m.is_file())
+            if not matches:
+                raise DataError(
+                    f"{p}: is a folder with no .h5ad file in it; give an .h5ad file, a folder of "
+                    "them or a list [a.h5ad,b.h5ad]"
+                )
+            found += [(m.name.removesuffix(".h5ad"), m) for m in matches]
+        else:
+            if len(items) > 1 and not p.exists():
+                raise DataError(
+                    f"{p}: no such file (item {pos + 1} of data.reference's {len(items)}); "
+                    "fix the path or drop it from the list"
+                )
+            found.append((p.name.removesuffix(".h5ad") if text not in EMBEDDED else text, p))
+    seen: dict[str, int] = {}
+    paths: dict[Path, str] = {}
+    out = []
+    for name, source in found:
+        if isinstance(source, Path) and source.exists():
+            real = source.resolve()
+            if real in paths:
+                raise DataError(
+                    f"{source}: listed twice in data.reference (as {paths[real]!r} and again); "
+                    "give each section once"
+                )
+            paths[real] = name
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}-{seen[name]}"
+        else:
+            seen[name] = 0
+        out.append((name, source))
+    return out
+
+
+def check_h5ad(path: str | Path) -> Path:
+    """The file behind ``path`` (see :func:`resolve_path`), checked to exist and to be HDF5.
+
+    Raises:
+        DataError: the file does not exist, is a folder or is not HDF5.
+    """
+    p = resolve_path(path)
+    if not p.exists():
+        hint = f" (embedded datasets: {', '.join(sorted(EMBEDDED))})"
+        raise DataError(f"{p}: no such file; give the path of an .h5ad file{hint}")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not an .h5ad file; give the path of the file itself")
+    if not h5py.is_hdf5(p):
+        raise DataError(
+            f"{p}: not an .h5ad file (not HDF5); save your data with AnnData.write_h5ad first"
+        )
+    return p
+
+
 def read_h5ad(
     path: str | Path, backed: bool | str = "auto", backed_threshold_mb: float = 1024.0
 ) -> ad.AnnData:
@@ -47,16 +133,7 @@ def read_h5ad(
     Raises:
         DataError: the file does not exist, is a folder, is not HDF5 or is not AnnData.
     """
-    p = resolve_path(path)
-    if not p.exists():
-        hint = f" (embedded datasets: {', '.join(sorted(EMBEDDED))})"
-        raise DataError(f"{p}: no such file; give the path of an .h5ad file{hint}")
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder, not an .h5ad file; give the path of the file itself")
-    if not h5py.is_hdf5(p):
-        raise DataError(
-            f"{p}: not an .h5ad file (not HDF5); save your data with AnnData.write_h5ad first"
-        )
+    p = check_h5ad(path)
     if backed == "auto":
         backed = p.stat().st_size > backed_threshold_mb * 2**20
     try:
@@ -128,10 +205,19 @@ def iter_row_chunks(
     """
     n = matrix.shape[0]
     order = np.arange(n) if rows is None else np.asarray(rows)
+    on_disk = not isinstance(matrix, np.ndarray) and not sp.issparse(matrix)
     for start in range(0, len(order), chunk_size):
         idx = order[start : start + chunk_size]
-        contiguous = len(idx) > 0 and idx[-1] - idx[0] == len(idx) - 1
-        block = matrix[idx[0] : idx[-1] + 1] if contiguous else matrix[idx]
+        span = int(idx[-1] - idx[0] + 1) if len(idx) else 0
+        if span == len(idx):
+            block = matrix[idx[0] : idx[-1] + 1]
+        elif on_disk and span <= 4 * len(idx) and idx[-1] > idx[0]:
+            # on disk, one range read of the span and a selection in memory beat reading
+            # scattered rows one by one when the rows fill a good part of it
+            block = matrix[idx[0] : idx[-1] + 1]
+            block = block[idx - idx[0]]
+        else:
+            block = matrix[idx]
         if sp.issparse(block):
             block = sp.csr_matrix(block)
         elif hasattr(block, "to_memory"):
@@ -144,6 +230,28 @@ def iter_row_chunks(
 def blank_feature_mask(var_names: Sequence[str]) -> np.ndarray:
     """True for features to keep: everything whose name does not start with ``Blank``."""
     return np.array([not str(g).startswith(BLANK_PREFIX) for g in var_names], dtype=bool)
+
+
+def check_missing_genes(missing: int, n_genes: int, what: str, allow: bool = False) -> None:
+    """The rule for a model's genes absent from data: a warning, an error above half of them.
+
+    Raises:
+        DataError: more than half of the ``n_genes`` are missing and ``allow`` is false.
+    """
+    if missing > n_genes / 2 and not allow:
+        raise DataError(
+            f"{what} lacks {missing} of the model's {n_genes} genes, too many to place its cells "
+            "well; check the gene ids, or pass allow_missing_genes=true to go on"
+        )
+    if missing:
+        from dpvae.errors import DPVAEWarning
+
+        warnings.warn(
+            f"{missing} of the model's {n_genes} genes are missing from {what}; they are taken "
+            "as zero",
+            DPVAEWarning,
+            stacklevel=3,
+        )
 
 
 def align_genes(

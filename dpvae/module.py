@@ -8,7 +8,13 @@ The reconstruction (negative log-likelihood summed over genes) and the KL diverg
 the number of genes, so that ``alpha`` means the same whatever the gene panel; the regularizer is
 off (weight 0, still logged) for the first ``warmup_epochs`` epochs of plain VAE training. When it
 switches on, lambda is re-initialised from the median ratio of latent to spatial distance in that
-batch, averaged over processes so every DDP rank starts from the same value.
+batch (with a weighted pair set: the median weighted by pair weight times spatial distance, the
+lambda that minimises the weighted absolute gap), averaged over processes so every DDP rank starts
+from the same value.
+
+The regularizer scores the batch's own pair set when the sampler attached one (``batch["pairs"]``
+(2, P) positions and ``batch["pair_weight"]`` (P,), see :mod:`dpvae.datamodules.sampling`), and
+every in-batch pair with equal weight otherwise (:func:`batch_pairs`).
 
 Hyperparameters are plain data (component specs with ``_target_``, the preprocessing state), so
 ``DPVAE.load_from_checkpoint(path)`` rebuilds the model on its own.
@@ -29,7 +35,7 @@ from dpvae.likelihoods import Likelihood
 from dpvae.nn import Decoder, Encoder
 from dpvae.preprocess import ExpressionTransform, Preprocessor, to_dense
 from dpvae.regularizers import DistanceRegularizer
-from dpvae.regularizers.base import pair_distances
+from dpvae.regularizers.base import accepts_weight, pair_distances
 
 DEFAULT_ENCODER = {"_target_": "dpvae.nn.MLPEncoder"}
 DEFAULT_DECODER = {"_target_": "dpvae.nn.MLPDecoder"}
@@ -43,6 +49,33 @@ def batch_pairs(coords: Tensor, min_distance: float = 1e-12) -> Tensor:
     pairs = torch.triu_indices(n, n, offset=1, device=coords.device)
     d = torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
     return pairs[:, d > min_distance]
+
+
+def weighted_median(values: Tensor, weight: Tensor) -> Tensor:
+    """The lower weighted median: the smallest value whose cumulative weight reaches half."""
+    order = torch.argsort(values)
+    cum = torch.cumsum(weight[order], dim=0)
+    k = torch.searchsorted(cum, 0.5 * cum[-1]).clamp_max(len(values) - 1)
+    return values[order][k]
+
+
+def batch_pair_set(
+    batch: Mapping[str, Tensor], coords: Tensor, min_distance: float = 1e-12
+) -> tuple[Tensor, Tensor | None]:
+    """The pairs the regularizer scores and their weights (``None``: equal).
+
+    The batch's own pair set (``batch["pairs"]``, ``batch["pair_weight"]``) when it has one, less
+    any pair of cells at the same position; else every in-batch pair (:func:`batch_pairs`).
+    """
+    if "pairs" not in batch:
+        return batch_pairs(coords, min_distance), None
+    pairs = batch["pairs"].to(coords.device)
+    weight = batch.get("pair_weight")
+    d = torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
+    keep = d > min_distance
+    if weight is not None:
+        weight = weight.to(device=coords.device, dtype=coords.dtype)[keep]
+    return pairs[:, keep], weight
 
 
 class DPVAE(L.LightningModule):
@@ -134,6 +167,8 @@ class DPVAE(L.LightningModule):
             specs["decoder"], n_latent=latent_dim, n_output=n_genes * self.likelihood.n_params
         )
         self.regularizer: DistanceRegularizer = instantiate(specs["regularizer"])
+        # a user-written forward(z, coords, pairs) without weights gets weight-resampled pairs
+        self._weighted_regularizer = accepts_weight(self.regularizer)
         # whether lambda was re-initialised at switch-on; saved so a resumed run does not redo it
         self.register_buffer("scale_initialised", torch.tensor(False))
         self.checkpoint_path = None
@@ -171,20 +206,45 @@ class DPVAE(L.LightningModule):
         recon = self.likelihood.nll(decoded, target, library).mean() / n_genes
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean() / n_genes
         emb = mu if self.hparams["distance_on"] == "mean" else z
-        pairs = batch_pairs(coords)
+        pairs, weight = batch_pair_set(batch, coords)
+        if "section" in batch:  # sections are unrelated frames: no pair crosses two
+            section = batch["section"].to(pairs.device)
+            same = section[pairs[0]] == section[pairs[1]]
+            pairs = pairs[:, same]
+            weight = None if weight is None else weight[same]
         if pairs.shape[1] == 0:
             reg = emb.sum() * 0.0
         else:
             if self.training and self.regularizer_on() and not bool(self.scale_initialised):
-                self._init_scale(emb.detach(), coords, pairs)
-            reg = self.regularizer(emb, coords, pairs)
+                self._init_scale(emb.detach(), coords, pairs, weight)
+            reg = self._regularize(emb, coords, pairs, weight)
         out = {"recon": recon, "kl": kl, "reg": reg}
         out["elbo_loss"] = recon + self.hparams["beta"] * kl
         return out
 
-    def _init_scale(self, emb: Tensor, coords: Tensor, pairs: Tensor) -> None:
+    def _regularize(
+        self, emb: Tensor, coords: Tensor, pairs: Tensor, weight: Tensor | None
+    ) -> Tensor:
+        if weight is None:
+            return self.regularizer(emb, coords, pairs)
+        if self._weighted_regularizer:
+            return self.regularizer(emb, coords, pairs, weight=weight)
+        # forward(z, coords, pairs) without weights: as many pairs drawn in proportion to their
+        # weights, so that its mean over them is the weighted term in expectation
+        drawn = torch.multinomial(weight, pairs.shape[1], replacement=True)
+        return self.regularizer(emb, coords, pairs[:, drawn])
+
+    def _init_scale(
+        self, emb: Tensor, coords: Tensor, pairs: Tensor, weight: Tensor | None = None
+    ) -> None:
         dz, d = pair_distances(emb, coords, pairs)
-        ratio = torch.median(dz / d.clamp_min(1e-12))
+        ratios = dz / d.clamp_min(1e-12)
+        if weight is None:
+            ratio = torch.median(ratios)
+        else:
+            # the lambda minimising sum w |dz - lambda d| = sum w d |dz / d - lambda|: short pairs,
+            # however heavily weighted, barely move the scale
+            ratio = weighted_median(ratios, weight * d)
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             ratio = trainer.strategy.reduce(ratio, reduce_op="mean")
@@ -297,13 +357,20 @@ class DPVAE(L.LightningModule):
         z = np.empty((n, width), dtype=np.float32)
         n_pcs = self.transform.neighbour_pcs if with_pcs else 0
         pcs = np.empty((n, n_pcs), dtype=np.float32) if n_pcs else None
-        for start in range(0, n, batch_size):
+        from dpvae.neighbours import release_memory
+
+        for number, start in enumerate(range(0, n, batch_size)):
             block = raw[start : start + batch_size]
             tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
+            del block
             z[start : start + len(tensor)] = self._encode(tensor)[1].cpu().numpy()
             if pcs is not None:
                 pcs[start : start + len(tensor)] = (
                     self.transform.expression_pcs(tensor).cpu().numpy()
                 )
+            del tensor
+            if number % 16 == 15:  # glibc keeps the freed dense blocks: hand them back
+                release_memory()
+        release_memory()
         self.train(was_training)
         return (z, pcs) if with_pcs else z

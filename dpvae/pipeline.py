@@ -42,19 +42,46 @@ def configure_process(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
-def build_datamodule(cfg: DictConfig, reference: ad.AnnData | None = None) -> Any:
+def load_initial_model(path: str | Path) -> DPVAE:
+    """The trained model ``init_from`` names (a dpvae run's ``model.ckpt``), on the CPU.
+
+    Raises:
+        DataError: no such file, or not a dpvae model checkpoint.
+    """
+    from dpvae.errors import DataError
+    from dpvae.module import DPVAE
+
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise DataError(f"{p}: no such checkpoint; init_from takes the model.ckpt of a dpvae run")
+    try:
+        return DPVAE.load_from_checkpoint(p, map_location="cpu")
+    except Exception as exc:  # torch and Lightning raise many kinds for a foreign file
+        raise DataError(
+            f"{p}: not a dpvae model checkpoint ({type(exc).__name__}); init_from takes the "
+            "model.ckpt of a dpvae run"
+        ) from exc
+
+
+def build_datamodule(
+    cfg: DictConfig, reference: ad.AnnData | None = None, init: DPVAE | None = None
+) -> Any:
     """Instantiate ``cfg.data`` and set it up (hygiene, gene selection, split, preprocessing fit).
 
     The datamodule is told whether the likelihood needs raw counts; ``reference`` replaces
-    ``data.reference`` with an in-memory AnnData. The result implements
+    ``data.reference`` with an in-memory AnnData; with ``init`` (fine-tuning) the data are read
+    on that model's genes and expression preprocessing. The result implements
     :class:`dpvae.contracts.ReferenceData`.
     """
     from dpvae.contracts import ReferenceData
 
-    likelihood_cls = locate(cfg.model.likelihood._target_)
+    spec = init.hparams["likelihood"]["_target_"] if init is not None else None
+    likelihood_cls = locate(spec or cfg.model.likelihood._target_)
     extra: dict[str, Any] = {"require_counts": bool(getattr(likelihood_cls, "requires_counts", 0))}
     if reference is not None:
         extra["reference"] = reference
+    if init is not None:
+        extra["fixed"] = init.preprocessor
     dm = instantiate(cfg.data, **extra)
     dm.setup("fit")
     if not isinstance(dm, ReferenceData):
@@ -65,12 +92,28 @@ def build_datamodule(cfg: DictConfig, reference: ad.AnnData | None = None) -> An
     return dm
 
 
-def build_model(cfg: DictConfig, data: ReferenceData) -> DPVAE:
-    """The model of ``cfg.model`` for the fitted preprocessing of ``data``."""
+#: with init_from, these model settings come from the configuration (the fine-tuning schedule);
+#: the architecture, the genes and the weights come from the trained model
+TRAINING_SETTINGS = ("beta", "alpha", "warmup_epochs", "lr", "weight_decay", "distance_on")
+
+
+def build_model(cfg: DictConfig, data: ReferenceData, init: DPVAE | None = None) -> DPVAE:
+    """The model of ``cfg.model`` for the fitted preprocessing of ``data``; with ``init``, that
+    trained model's architecture and weights in the data's coordinate frame, lambda re-fitted
+    when the regularizer switches on."""
     from dpvae.module import DPVAE
 
     pre = data.preprocessor
-    return DPVAE(n_genes=len(pre.genes), preprocess=pre, **to_plain(cfg.model))
+    if init is None:
+        return DPVAE(n_genes=len(pre.genes), preprocess=pre, **to_plain(cfg.model))
+    hparams = dict(init.hparams)
+    for key in TRAINING_SETTINGS:
+        hparams[key] = cfg.model[key]
+    hparams["preprocess"] = pre
+    model = DPVAE(**hparams)
+    model.load_state_dict(init.state_dict())
+    model.scale_initialised.fill_(False)
+    return model
 
 
 def build_callbacks(cfg: DictConfig, write_files: bool = True) -> list[Any]:
@@ -180,6 +223,7 @@ def train(
     run_dir: Path | None = None,
     resume_from: Path | None = None,
     on_start: Any = None,
+    init: DPVAE | None = None,
 ) -> Trained:
     """Train the configured model.
 
@@ -188,6 +232,7 @@ def train(
         reference: an in-memory AnnData instead of ``data.reference``.
         run_dir: the run folder (checkpoints, logs); ``None`` trains in memory and writes nothing.
         resume_from: a checkpoint to continue from.
+        init: a trained model to fine-tune (else ``cfg.init_from``'s checkpoint, if set).
         on_start: called as ``on_start(data, logger, data_fingerprint)`` on rank zero after setup,
             before training
             (the command line writes ``config.yaml`` and prints its first line there).
@@ -196,10 +241,16 @@ def train(
     from dpvae.run_folder import fingerprint
 
     configure_process(cfg)
-    data = build_datamodule(cfg, reference)
-    model = build_model(cfg, data)
+    if init is None and cfg.get("init_from"):
+        init = load_initial_model(cfg.init_from)
+    data = build_datamodule(cfg, reference, init)
+    model = build_model(cfg, data, init)
     logger = build_logger(cfg) if run_dir is not None else False
     callbacks = build_callbacks(cfg, run_dir is not None)
+    for callback in callbacks:  # e.g. the modules a Freeze names exist
+        check = getattr(callback, "check_model", None)
+        if check is not None:
+            check(model)
     data_fingerprint = fingerprint(data)  # once: the run's record and the resume check
     for callback in callbacks:
         if isinstance(callback, RunState):  # the run's record goes into every checkpoint

@@ -97,14 +97,24 @@ def joint_space(
     """
     if ref_extra is None or query_extra is None or weight <= 0:
         return ref_latent, query_latent
-    sz, se = max(rms_spread(ref_latent), 1e-12), max(rms_spread(ref_extra), 1e-12)
+    sz, se = _joint_scales(ref_latent, ref_extra)
     ref = torch.cat([ref_latent / sz, weight * ref_extra / se], dim=1)
     query = torch.cat([query_latent / sz, weight * query_extra / se], dim=1)
     return ref, query
 
 
+def _joint_scales(ref_latent: Tensor, ref_extra: Tensor) -> tuple[float, float]:
+    """The reference's rms spreads of its latent and extra parts (each at least 1e-12)."""
+    return max(rms_spread(ref_latent), 1e-12), max(rms_spread(ref_extra), 1e-12)
+
+
 def _as_tensor(x: Any, device: torch.device | None) -> Tensor:
     return torch.as_tensor(x, device=device)
+
+
+#: Query cells transformed and placed per block by :func:`place` (the search itself runs in
+#: blocks of 4096 inside): the query's float64 copies stay bounded whatever its size.
+PLACE_BLOCK = 65_536
 
 
 @torch.no_grad()
@@ -120,8 +130,14 @@ def place(
     n_iter: int = 0,
     expression_weight: float = EXPRESSION_WEIGHT,
     align_query: bool = False,
+    block: int = PLACE_BLOCK,
+    spread: Tensor | None = None,
 ) -> Tensor:
     """Query coordinates in the frame of ``ref_coords`` (float64, on the reference's device).
+
+    ``spread`` (m,), when given, receives each cell's neighbour spread (the weighted RMS distance
+    of its neighbours' coordinates from its placement, :func:`dpvae.solver.knn_mean`), the
+    difficulty that :func:`conformal_radius` scales into a calibrated radius.
 
     ``ref_latent`` should already be calibrated (:meth:`ReferenceEmbedding.search_latent`).
     ``align_query``: the query is another batch (a new section, dissociated cells): its latent
@@ -134,28 +150,157 @@ def place(
     minimises the weighted stress to the ``k`` neighbours (:func:`dpvae.solver.impute`), which on
     the dev data lowered dist_pearson everywhere (latent distances between adjacent cells do not
     shrink to zero), so it is off by default. ``k`` is capped at the reference size.
+
+    The reference's neighbour index (:class:`dpvae.neighbours.NeighbourIndex`) is built once; the
+    query is shifted, scaled and placed ``block`` rows at a time, each row independently of the
+    others (the same placements as one block).
     """
+    from dpvae.neighbours import NeighbourIndex, release_memory
     from dpvae.solver import impute, knn_mean
 
     device = ref_coords.device if isinstance(ref_coords, Tensor) else None
     zr = _as_tensor(ref_latent, device).double()
-    zq = _as_tensor(query_latent, device).double()
     coords = _as_tensor(ref_coords, device).double()
+    n_query = len(query_latent)
     k = min(int(k), len(zr))
+    z_shift: tuple[Tensor, Tensor] | None = None
+    pc_shift: tuple[Any, Any] | None = None
     if align_query:
-        zq = zq - zq.mean(dim=0) + zr.mean(dim=0)
+        z_shift = (_as_tensor(query_latent, device).double().mean(dim=0), zr.mean(dim=0))
         if query_pcs is not None and ref_pcs is not None:
-            query_pcs = query_pcs - query_pcs.mean(0) + ref_pcs.mean(0)
-    if n_iter == 0 and query_pcs is not None and ref_pcs is not None and expression_weight > 0:
-        jr, jq = joint_space(
-            zr,
-            zq,
-            _as_tensor(ref_pcs, device).double(),
-            _as_tensor(query_pcs, device).double(),
-            expression_weight,
+            pc_shift = (query_pcs.mean(0), ref_pcs.mean(0))
+    joint = n_iter == 0 and query_pcs is not None and ref_pcs is not None
+    joint = joint and expression_weight > 0
+    scales = (1.0, 1.0)
+    if joint:
+        er = _as_tensor(ref_pcs, device).double()
+        scales = _joint_scales(zr, er)
+        search_ref = torch.cat([zr / scales[0], expression_weight * er / scales[1]], dim=1)
+        del er
+    else:
+        search_ref = zr
+    index = NeighbourIndex(search_ref)
+    out = torch.empty(n_query, coords.shape[1], dtype=torch.float64, device=coords.device)
+    for start in range(0, n_query, block):
+        rows = slice(start, start + block)
+        zq = _as_tensor(query_latent[rows], device).double()
+        if z_shift is not None:
+            zq = zq - z_shift[0] + z_shift[1]
+        if joint:
+            qp = query_pcs[rows]
+            if pc_shift is not None:
+                qp = qp - pc_shift[0] + pc_shift[1]
+            eq = _as_tensor(qp, device).double()
+            jq = torch.cat([zq / scales[0], expression_weight * eq / scales[1]], dim=1)
+            part = None if spread is None else spread[rows]
+            out[rows] = knn_mean(jq, search_ref, coords, k=k, index=index, spread=part)
+        else:
+            part = None if spread is None else spread[rows]
+            out[rows] = impute(
+                zq, search_ref, coords, scale=scale, k=k, n_iter=n_iter, index=index, spread=part
+            )
+    del index
+    release_memory()
+    return out
+
+
+# ------------------------------------------------------------------ per-cell uncertainty
+#: the probability a cell's radius holds its true position with
+RADIUS_COVERAGE = 0.9
+#: the ``obs`` column of the calibrated radius
+RADIUS_KEY = "dpvae_radius90"
+#: at most this many reference cells calibrate the radius
+MAX_CALIBRATION = 5000
+#: folds of the cross-conformal calibration of a small reference without held-out cells
+CALIBRATION_FOLDS = 5
+#: the difficulty's floor, in reference cell spacings (a cell whose neighbours coincide)
+SPREAD_FLOOR = 0.05
+
+
+def conformal_radius(
+    model: Any,
+    ref: ReferenceEmbedding,
+    *,
+    k: int = NEIGHBOURS,
+    expression_weight: float = EXPRESSION_WEIGHT,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Calibrate the per-cell radius ``r = quantile * (spread + floor)`` on reference cells.
+
+    Split-conformal regression with a per-cell difficulty: reference cells whose positions the
+    model was not told are placed by the rule of prediction against other reference cells, and
+    ``quantile`` is the conformal ``RADIUS_COVERAGE`` quantile of their error / (neighbour
+    spread + ``SPREAD_FLOOR`` cell spacings). The calibration cells are the run's held-out
+    (validation) cells placed against its training cells when the reference has them; else, for
+    a reference of up to 10 x ``MAX_CALIBRATION`` cells, every cell placed against the other
+    folds of ``CALIBRATION_FOLDS``; else ``MAX_CALIBRATION`` cells against the rest. A query
+    exchangeable with the calibration cells is then covered with probability at least
+    ``RADIUS_COVERAGE``; cells of another section or tissue are not exchangeable, so coverage there
+    is measured by the benchmark rather than promised.
+
+    Returns the record written to ``uns['dpvae']['radius']`` (``quantile`` and ``floor`` in model
+    units), or ``None`` for a reference too small to calibrate (fewer than 4 cells).
+    """
+    pre = model.preprocessor
+    n = len(ref)
+    if n < 4:
+        return None
+    rng = np.random.default_rng(seed)
+    latent = ref.search_latent()
+    coords = pre.coords_to_model(ref.coords)
+    splits: list[tuple[np.ndarray, np.ndarray]] = []
+    held_out = None if ref.in_sample is None else ~np.asarray(ref.in_sample, dtype=bool)
+    if held_out is not None and held_out.sum() >= 20 and (~held_out).sum() > 1:
+        cal = np.flatnonzero(held_out)
+        if len(cal) > MAX_CALIBRATION:
+            cal = np.sort(rng.choice(cal, MAX_CALIBRATION, replace=False))
+        splits.append((cal, np.flatnonzero(~held_out)))
+        how = "the run's held-out reference cells placed against its training cells"
+    elif n <= 10 * MAX_CALIBRATION:
+        fold = rng.permutation(n) % CALIBRATION_FOLDS
+        splits = [
+            (np.flatnonzero(fold == f), np.flatnonzero(fold != f)) for f in range(CALIBRATION_FOLDS)
+        ]
+        how = f"every reference cell placed against the other {CALIBRATION_FOLDS - 1} of {CALIBRATION_FOLDS} folds"
+    else:
+        cal = np.sort(rng.choice(n, MAX_CALIBRATION, replace=False))
+        rest = np.setdiff1d(np.arange(n), cal)
+        splits.append((cal, rest))
+        how = f"{MAX_CALIBRATION} reference cells placed against the others"
+    floor = SPREAD_FLOOR * pre.ref_nn_distance / pre.coord_scale
+    scores = []
+    for cal, against in splits:
+        if len(cal) == 0 or len(against) == 0:
+            continue
+        spread = torch.empty(len(cal), dtype=torch.float64)
+        pred = place(
+            latent[cal],
+            latent[against],
+            torch.as_tensor(coords[against], dtype=torch.float64),
+            query_pcs=None if ref.pcs is None else ref.pcs[cal],
+            ref_pcs=None if ref.pcs is None else ref.pcs[against],
+            scale=model.scale_value(),
+            k=min(k, len(against)),
+            expression_weight=expression_weight,
+            spread=spread,
         )
-        return knn_mean(jq, jr, coords, k=k)
-    return impute(zq, zr, coords, scale=scale, k=k, n_iter=n_iter)
+        error = np.linalg.norm(pred.cpu().numpy() - coords[cal], axis=1)
+        scores.append(error / (spread.numpy() + floor))
+    if not scores:
+        return None
+    s = np.concatenate(scores)
+    level = min(1.0, np.ceil((len(s) + 1) * RADIUS_COVERAGE) / len(s))
+    return {
+        "coverage": RADIUS_COVERAGE,
+        "quantile": float(np.quantile(s, level, method="higher")),
+        "floor": float(floor),
+        "n_calibration": int(len(s)),
+        "calibration": how,
+        "difficulty": "inverse-distance weighted RMS distance of the k neighbours' coordinates "
+        f"from the placement, plus {SPREAD_FLOOR} reference cell spacings",
+        "method": "split-conformal: radius = quantile of error / difficulty on the calibration "
+        "cells, times the cell's difficulty",
+    }
 
 
 # ------------------------------------------------------------------ the embedding format
@@ -171,6 +316,10 @@ class ReferenceEmbedding:
             new to it (an expression reference embedded at prediction time).
         names: cell names, or ``None``.
         genes: the model's genes; scale: its lambda.
+        section: (n,) each cell's section name (a reference of several sections, whose
+            coordinates are in unrelated frames), or ``None`` for one section.
+        sections: the section names in the reference's order (the first is the default frame
+            of :meth:`select_section`); empty for one section.
     """
 
     latent: np.ndarray
@@ -180,9 +329,55 @@ class ReferenceEmbedding:
     names: np.ndarray | None = None
     genes: list[str] = field(default_factory=list)
     scale: float = 1.0
+    section: np.ndarray | None = None
+    sections: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.latent)
+
+    def select_section(self, name: str | None = None) -> tuple[ReferenceEmbedding, str | None]:
+        """The cells of one section (``None``: the first), calibrated first over all cells.
+
+        Returns ``(reference, section name)``; a one-section reference is returned as it is
+        (with ``None``) when no name is asked for. The in-sample calibration is applied before
+        the cells are filtered (the encoder's over-fit is one for all sections), so the result
+        has ``in_sample`` ``None``.
+
+        Raises:
+            ConfigError: ``name`` is not one of :attr:`sections`.
+        """
+        from dpvae.errors import ConfigError
+
+        names = tuple(self.sections)
+        if self.section is None or not names:
+            if name is None:
+                return self, None
+            raise ConfigError(
+                f"reference_section={name}: the reference has no named sections; leave "
+                "reference_section unset"
+            )
+        chosen = names[0] if name is None else str(name)
+        if chosen not in names:
+            raise ConfigError(
+                f"reference_section={chosen}: no such section in the reference; its sections: "
+                f"{', '.join(names)}"
+            )
+        if len(names) == 1 and name is None:
+            return self, chosen
+        keep = np.asarray(self.section).astype(str) == chosen
+        latent = self.search_latent()[keep]
+        out = ReferenceEmbedding(
+            latent=latent,
+            coords=self.coords[keep],
+            pcs=None if self.pcs is None else self.pcs[keep],
+            in_sample=None,
+            names=None if self.names is None else self.names[keep],
+            genes=list(self.genes),
+            scale=self.scale,
+            section=np.asarray(self.section)[keep],
+            sections=(chosen,),
+        )
+        return out, chosen
 
     def search_latent(self) -> np.ndarray:
         """Codes to search among: training cells calibrated against held-out ones."""
@@ -199,6 +394,10 @@ class ReferenceEmbedding:
         if self.in_sample is not None:
             split = np.where(self.in_sample, "train", "val").astype(object)
             obs["split"] = pd.Categorical(split, categories=["train", "val"])
+        if self.section is not None and self.sections:
+            obs["section"] = pd.Categorical(
+                np.asarray(self.section).astype(str), categories=list(self.sections)
+            )
         out = ad.AnnData(
             X=np.asarray(self.latent, dtype=np.float32),
             obs=obs,
@@ -212,6 +411,8 @@ class ReferenceEmbedding:
             "lambda": float(self.scale),
             "genes": list(self.genes),
         }
+        if self.section is not None and self.sections:
+            out.uns["dpvae"]["sections"] = list(self.sections)
         return out
 
     def write(self, path: str | Path) -> Path:
@@ -247,6 +448,18 @@ class ReferenceEmbedding:
         if "split" in adata.obs:
             in_sample = np.asarray(adata.obs["split"].astype(str) == "train")
         info = adata.uns["dpvae"]
+        section: np.ndarray | None = None
+        sections: tuple[str, ...] = ()
+        if "section" in adata.obs:
+            column = adata.obs["section"]
+            listed = info.get("sections")
+            if listed is not None and len(listed):
+                sections = tuple(str(v) for v in listed)
+            elif hasattr(column, "cat"):
+                sections = tuple(str(v) for v in column.cat.categories)
+            else:
+                sections = tuple(dict.fromkeys(column.astype(str)))
+            section = np.asarray(column.astype(str))
         return cls(
             latent=latent,
             coords=get_coordinates(adata, "spatial"),
@@ -255,6 +468,8 @@ class ReferenceEmbedding:
             names=np.asarray(adata.obs_names).astype(str),
             genes=[str(g) for g in info.get("genes", [])],
             scale=float(info.get("lambda", 1.0)),
+            section=section,
+            sections=sections,
         )
 
     @classmethod
@@ -273,6 +488,8 @@ def embed_reference(
     latent, pcs = model.embed(cells.raw, batch_size=batch_size, with_pcs=True)
     in_sample = np.zeros(len(latent), dtype=bool)
     in_sample[data.cells("train").index] = True
+    section = getattr(cells, "section", None)
+    sections = tuple(str(v) for v in (getattr(cells, "sections", ()) or ()))
     return ReferenceEmbedding(
         latent=latent,
         coords=cells.coords,
@@ -281,16 +498,49 @@ def embed_reference(
         names=cells.names,
         genes=model.genes,
         scale=model.scale_value(),
+        section=None if section is None or not sections else np.asarray(section).astype(str),
+        sections=sections if section is not None else (),
     )
 
 
 # -------------------------------------------------------------------- AnnData in, coords out
+#: Query rows read, matched to the model's genes and embedded per block by :func:`encode` (a
+#: multiple of the embedding batch, so the batches are those of one whole-matrix pass).
+ENCODE_BLOCK = 65_536
+
+
+def _gene_columns(adata: ad.AnnData, genes: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(query columns, their positions among ``genes``, number of genes missing)."""
+    position = {str(g): i for i, g in enumerate(adata.var_names)}
+    src = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
+    present = src >= 0
+    if not present.any():
+        raise DataError(
+            f"the query shares no gene with the model's {len(genes)} genes (e.g. "
+            f"{', '.join(map(str, list(genes)[:3]))}); check that both use the same gene ids"
+        )
+    return src[present], np.flatnonzero(present), int((~present).sum())
+
+
+def _model_genes(block: Any, src: np.ndarray, dst: np.ndarray, n_genes: int) -> Any:
+    """A row block of the query as CSR float32 over the model's genes (missing genes zero)."""
+    import scipy.sparse as sp
+
+    sub = sp.csr_matrix(block[:, src], dtype=np.float32)
+    # columns keep their order (dst increases), so relabelling them is the scatter
+    return sp.csr_matrix(
+        (sub.data, dst[sub.indices].astype(sub.indices.dtype, copy=False), sub.indptr),
+        shape=(sub.shape[0], n_genes),
+    )
+
+
 def encode(
     model: DPVAE,
     adata: ad.AnnData,
     layer: str | None = None,
     batch_size: int = 4096,
     allow_missing_genes: bool = False,
+    block: int = ENCODE_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Latent codes and expression PCs of ``adata``'s cells, genes matched to the model's by name.
 
@@ -299,13 +549,21 @@ def encode(
     normalise must not be negative. Returns (latent, expression PCs or ``None``, number of
     missing genes).
 
+    The matrix (in memory or backed) is read ``block`` rows at a time, each block matched to the
+    model's genes and embedded into preallocated outputs, so memory does not grow with the
+    number of cells beyond the outputs (and freed blocks go back to the system).
+
     Raises:
         DataError: no shared gene, too many missing, or negative values where counts belong.
     """
-    from dpvae.io import align_genes
+    from dpvae.io import get_matrix, iter_row_chunks
+    from dpvae.neighbours import release_memory
 
-    raw, missing = align_genes(adata, model.genes, layer=layer)
-    n_genes = len(model.genes)
+    if adata.n_obs == 0:
+        raise DataError("the query has no cells; give a file with at least one cell")
+    genes = model.genes
+    src, dst, missing = _gene_columns(adata, genes)
+    n_genes = len(genes)
     if missing > n_genes / 2 and not allow_missing_genes:
         raise DataError(
             f"the query lacks {missing} of the model's {n_genes} genes, too many to place its "
@@ -319,14 +577,30 @@ def encode(
             stacklevel=2,
         )
     pre = model.preprocessor
-    low = float(raw.min()) if raw.nnz else 0.0
-    if low < 0 and (pre.normalize or pre.log1p):
-        raise DataError(
-            f"the query holds negative values (min {low:g}) but the model was trained on counts "
-            "it normalises and log-transforms; give the query's raw counts (layer=...)"
-        )
-    latent, pcs = model.embed(raw, batch_size=batch_size, with_pcs=True)
-    empty = np.asarray(raw.sum(axis=1)).ravel() == 0
+    counts_only = pre.normalize or pre.log1p
+    matrix = get_matrix(adata, layer)
+    n = adata.n_obs
+    latent = np.empty((n, int(model.hparams["latent_dim"])), dtype=np.float32)
+    n_pcs = model.transform.neighbour_pcs
+    pcs = np.empty((n, n_pcs), dtype=np.float32) if n_pcs else None
+    empty = np.zeros(n, dtype=bool)
+    rows_per_block = batch_size * max(1, int(block) // batch_size)
+    for rows, chunk in iter_row_chunks(matrix, rows_per_block):
+        raw = _model_genes(chunk, src, dst, n_genes)
+        del chunk
+        low = float(raw.min()) if raw.nnz else 0.0
+        if low < 0 and counts_only:
+            raise DataError(
+                f"the query holds negative values (min {low:g}) but the model was trained on "
+                "counts it normalises and log-transforms; give the query's raw counts (layer=...)"
+            )
+        z, p = model.embed(raw, batch_size=batch_size, with_pcs=True)
+        latent[rows] = z
+        if pcs is not None and p is not None:
+            pcs[rows] = p
+        empty[rows] = np.asarray(raw.sum(axis=1)).ravel() == 0
+        del raw, z, p
+        release_memory()
     if empty.any():
         latent[empty] = np.nan
         if pcs is not None:
@@ -411,15 +685,63 @@ class Prediction:
     coords: np.ndarray
     latent: np.ndarray
     info: dict[str, Any]
+    #: (n,) each cell's calibrated radius (output units; see :func:`conformal_radius`), or
+    #: ``None`` (reconstruct mode, or a reference too small to calibrate)
+    radius: np.ndarray | None = None
 
     def write_to(self, adata: ad.AnnData) -> None:
-        """Store in ``adata``: ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']``, ``uns['dpvae']``
-        (repeated cell names are made unique)."""
+        """Store in ``adata``: ``obsm['spatial_dpvae']``, ``obsm['X_dpvae']``,
+        ``obs['dpvae_radius90']`` (when calibrated), ``uns['dpvae']`` (repeated cell names are made
+        unique)."""
         if not adata.obs_names.is_unique:
             adata.obs_names_make_unique()
         adata.obsm["spatial_dpvae"] = self.coords
         adata.obsm["X_dpvae"] = self.latent
+        if self.radius is not None:
+            adata.obs[RADIUS_KEY] = self.radius
         adata.uns["dpvae"] = self.info
+
+    def write_beside(self, source: str | Path, path: str | Path) -> Path:
+        """Write ``source`` (the query's ``.h5ad``) plus this prediction to ``path`` atomically,
+        without reading its matrices: the file is copied and the prediction's elements written
+        into the copy (what :meth:`write_to` and ``write_h5ad`` give, for a query too large to
+        hold in memory). ``source`` is never modified."""
+        import shutil
+
+        import h5py
+
+        from dpvae.io import write_atomic
+
+        try:
+            from anndata.io import read_elem, write_elem
+        except ImportError:  # anndata < 0.11
+            from anndata.experimental import read_elem, write_elem  # type: ignore[no-redef]
+
+        def write(tmp: Path) -> None:
+            shutil.copyfile(source, tmp)
+            with h5py.File(tmp, "r+") as f:
+                for group in ("obsm", "uns"):
+                    if group not in f:
+                        write_elem(f, group, {})
+                for key, value in (("spatial_dpvae", self.coords), ("X_dpvae", self.latent)):
+                    if key in f["obsm"]:
+                        del f["obsm"][key]
+                    write_elem(f["obsm"], key, value)
+                if "dpvae" in f["uns"]:
+                    del f["uns"]["dpvae"]
+                write_elem(f["uns"], "dpvae", self.info)
+                obs = read_elem(f["obs"])
+                if not obs.index.is_unique or self.radius is not None:
+                    from anndata.utils import make_index_unique
+
+                    if not obs.index.is_unique:
+                        obs.index = make_index_unique(obs.index)
+                    if self.radius is not None:
+                        obs[RADIUS_KEY] = self.radius
+                    del f["obs"]
+                    write_elem(f, "obs", obs)
+
+        return write_atomic(path, write)
 
 
 def predict(
@@ -435,11 +757,14 @@ def predict(
     align_query: bool = False,
     seed: int = 0,
     allow_missing_genes: bool = False,
+    reference_section: str | None = None,
 ) -> Prediction:
     """Coordinates of the query's cells, in the reference's frame (impute) or up to rigid motion.
 
     ``mode=impute`` places each cell against the reference (:func:`resolve_reference`,
-    :func:`place`); ``mode=reconstruct`` solves the query's own layout from its latent distances
+    :func:`place`); a reference of several sections lends the cells of one,
+    ``reference_section`` (``None``: the first), whose frame the coordinates are in
+    (:meth:`ReferenceEmbedding.select_section`); ``mode=reconstruct`` solves the query's own layout from its latent distances
     (classical MDS then SMACOF; landmarks above 3000 cells). When the query carries true
     coordinates under ``obsm[spatial_key]`` the benchmark's scores are added to ``info['scores']``
     (impute scores, or the rotation-invariant transfer scores for reconstruct).
@@ -459,16 +784,22 @@ def predict(
         )
     pre = model.preprocessor
     in_sample = 0
+    radius: np.ndarray | None = None
+    calibration: dict[str, Any] | None = None
+    section: str | None = None
+    n_sections = 0
     if mode == "impute":
-        ref = resolve_reference(model, reference, spatial_key)
+        whole = resolve_reference(model, reference, spatial_key)
+        n_sections = len(whole.sections) if whole.section is not None else 0
+        ref, section = whole.select_section(reference_section)
         if k > len(ref):
             warnings.warn(
                 f"k={k} is more than the {len(ref)} reference cells; using {len(ref)}",
                 DPVAEWarning,
                 stacklevel=2,
             )
-        if ref.names is not None and ref.in_sample is not None:
-            overlap = int(np.isin(np.asarray(query.obs_names).astype(str), ref.names).sum())
+        if whole.names is not None and whole.in_sample is not None:
+            overlap = int(np.isin(np.asarray(query.obs_names).astype(str), whole.names).sum())
             in_sample = overlap
             if overlap:
                 warnings.warn(
@@ -480,7 +811,15 @@ def predict(
         latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         std = np.full((len(latent), pre.spatial_dim), np.nan)
+        del whole
+        calibration = (
+            conformal_radius(model, ref, k=k, expression_weight=expression_weight, seed=seed)
+            if n_iter == 0
+            else None
+        )
+        radius = np.full(len(latent), np.nan) if calibration is not None else None
         if (~empty).any():
+            spread = torch.empty(int((~empty).sum()), dtype=torch.float64)
             placed = place(
                 latent[~empty],
                 ref.search_latent(),
@@ -492,8 +831,12 @@ def predict(
                 n_iter=n_iter,
                 expression_weight=expression_weight,
                 align_query=align_query,
+                spread=spread,
             )
             std[~empty] = placed.cpu().numpy()
+            if radius is not None and calibration is not None:
+                difficulty = spread.numpy() + calibration["floor"]
+                radius[~empty] = calibration["quantile"] * difficulty * pre.coord_scale
         coords = pre.coords_from_model(std)
     else:
         latent, _, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
@@ -527,6 +870,18 @@ def predict(
         "n_cells_without_expression": int(empty.sum()),
         "n_cells_in_sample": in_sample,  # query cells that are the run's own reference cells
     }
+    if calibration is not None and radius is not None:
+        finite_r = radius[np.isfinite(radius)]
+        median = float(np.median(finite_r)) if len(finite_r) else float("nan")
+        info["radius"] = {
+            **calibration,
+            "obs_key": RADIUS_KEY,
+            "median": median,
+            "median_cell_spacings": median / pre.ref_nn_distance,
+        }
+    if section is not None and n_sections > 1:
+        info["reference_section"] = section
+        info["n_reference_sections"] = n_sections
     if spatial_key in query.obsm and len(coords) >= 3:
         from dpvae.io import get_coordinates
 
@@ -536,4 +891,15 @@ def predict(
             task = "impute" if mode == "impute" else "transfer"
             nn = pre.ref_nn_distance if task == "impute" else None
             info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)
-    return Prediction(coords, latent, info)
+    if radius is not None and "scores" in info and spatial_key in query.obsm:
+        from scipy.stats import spearmanr
+
+        from dpvae.io import get_coordinates
+
+        truth = get_coordinates(query, spatial_key)
+        ok = np.all(np.isfinite(truth), axis=1) & np.isfinite(radius)
+        if ok.sum() >= 3:
+            error = np.linalg.norm(coords[ok] - truth[ok], axis=1)
+            info["scores"]["coverage90"] = float(np.mean(error <= radius[ok]))
+            info["scores"]["radius_spearman"] = float(spearmanr(radius[ok], error)[0])
+    return Prediction(coords, latent, info, radius)

@@ -31,7 +31,10 @@ def _colouring(adata: ad.AnnData, color: str | None) -> tuple[Any, str, list[str
         if pd.api.types.is_numeric_dtype(col.dtype) and not isinstance(
             col.dtype, pd.CategoricalDtype
         ):
-            return col.to_numpy(dtype=float), color, None
+            label = color
+            if color == "dpvae_radius90":
+                label = "90% radius (true position within it with 90% probability)"
+            return col.to_numpy(dtype=float), label, None
         cat = col.astype(str).astype("category")
         return cat.cat.codes.to_numpy(), color, [str(c) for c in cat.cat.categories]
     if color in adata.var_names:

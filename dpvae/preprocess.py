@@ -9,8 +9,9 @@ model, on whatever device the model lives on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,9 @@ class Preprocessor:
         neighbour_pcs: when > 0, prediction's neighbour search joins this many principal
             components of the log-normalised expression (not scaled per gene; loadings fitted on
             the reference) to the latent code.
+        sections: a reference of several sections: their names, in order (empty: one section).
+        section_centers: each section's coordinate centroid (original units; its own frame);
+            ``coord_center`` is the first section's, and ``coord_scale`` is common to all.
     """
 
     genes: list[str]
@@ -59,6 +63,8 @@ class Preprocessor:
     ref_nn_distance: float = 1.0
     n_pcs: int = 0
     neighbour_pcs: int = 0
+    sections: list[str] = field(default_factory=list)
+    section_centers: list[list[float]] = field(default_factory=list)
     #: (G, n_pcs) loadings of the encoder's input PCA, and (G, neighbour_pcs) of the neighbour
     #: search's expression PCs, as fitted; the model copies them into its state (they are not part
     #: of :meth:`to_dict`, so checkpoint hyperparameters stay small).
@@ -79,17 +85,24 @@ class Preprocessor:
         """Inverse of :meth:`to_dict` (loadings then come from the model's state)."""
         return cls(**{k: v for k, v in data.items() if k not in _ARRAYS})
 
-    def coords_to_model(self, coords: np.ndarray) -> np.ndarray:
-        """Original coordinates -> the model's standardised frame."""
-        return (
-            np.asarray(coords, dtype=np.float64) - np.asarray(self.coord_center)
-        ) / self.coord_scale
+    def center_of(self, section: str | None = None) -> np.ndarray:
+        """The coordinate centre of ``section`` (``None``: the first, or the only one)."""
+        if section is None or not self.sections:
+            return np.asarray(self.coord_center, dtype=np.float64)
+        if section not in self.sections:
+            raise DataError(
+                f"no section {section!r} in this model's reference (sections: "
+                f"{', '.join(self.sections)})"
+            )
+        return np.asarray(self.section_centers[self.sections.index(section)], dtype=np.float64)
 
-    def coords_from_model(self, coords: np.ndarray) -> np.ndarray:
-        """The model's standardised frame -> original coordinates."""
-        return np.asarray(coords, dtype=np.float64) * self.coord_scale + np.asarray(
-            self.coord_center
-        )
+    def coords_to_model(self, coords: np.ndarray, section: str | None = None) -> np.ndarray:
+        """Original coordinates (of ``section``'s frame) -> the model's standardised frame."""
+        return (np.asarray(coords, dtype=np.float64) - self.center_of(section)) / self.coord_scale
+
+    def coords_from_model(self, coords: np.ndarray, section: str | None = None) -> np.ndarray:
+        """The model's standardised frame -> original coordinates (of ``section``'s frame)."""
+        return np.asarray(coords, dtype=np.float64) * self.coord_scale + self.center_of(section)
 
 
 def to_dense(block: Any) -> np.ndarray:
@@ -135,37 +148,93 @@ def scan_matrix(
     return {"totals": totals, "is_integer": is_integer, "minimum": minimum}
 
 
+@dataclass
+class MatrixPart:
+    """One section's expression as the preprocessing fit reads it, in row chunks.
+
+    Attributes:
+        matrix: cells x genes of the file (dense, sparse or backed).
+        rows: the section's usable rows (file row ids, increasing).
+        cols: the file column of each candidate gene, in the reference's common gene order.
+        totals: each usable row's total over the candidate genes.
+    """
+
+    matrix: Any
+    rows: np.ndarray
+    cols: np.ndarray
+    totals: np.ndarray
+
+
+Blocks = Callable[[], Iterator[sp.csr_matrix]]
+
+
+def part_blocks(
+    parts: Sequence[MatrixPart],
+    genes: np.ndarray,
+    which: Sequence[np.ndarray] | None = None,
+    chunk_size: int = 2000,
+) -> Blocks:
+    """Chunks of ``parts`` as float32 CSR blocks of the candidate genes at positions ``genes``.
+
+    ``which[p]`` (increasing positions in ``parts[p].rows``) restricts the rows read; blocks
+    never span two parts and hold at most ``chunk_size`` rows. Returns a function that starts a
+    new pass each time it is called.
+    """
+
+    def blocks() -> Iterator[sp.csr_matrix]:
+        for p, part in enumerate(parts):
+            rows = part.rows if which is None else part.rows[which[p]]
+            cols = part.cols[genes]
+            for _, block in iter_row_chunks(part.matrix, chunk_size, rows):
+                yield sp.csr_matrix(block[:, cols], dtype=np.float32)
+
+    return blocks
+
+
+def _as_blocks(raw: Any, chunk_size: int) -> Blocks:
+    if callable(raw):
+        return raw  # type: ignore[no-any-return]
+
+    def blocks() -> Iterator[sp.csr_matrix]:
+        for start in range(0, raw.shape[0], chunk_size):
+            yield raw[start : start + chunk_size]
+
+    return blocks
+
+
 def select_genes(
-    matrix: Any,
-    rows: np.ndarray,
-    gene_mask: np.ndarray,
-    totals: np.ndarray,
+    parts: Sequence[MatrixPart],
     n_genes: int,
     normalize: bool,
     log1p: bool,
     chunk_size: int,
 ) -> np.ndarray:
-    """Indices (into all columns, increasing) of the ``n_genes`` most variable kept genes.
+    """Positions (into the candidate genes, increasing) of the ``n_genes`` most variable ones.
 
-    Variability is the variance of the normalised, log-transformed expression over the given rows.
+    Variability is the variance of the normalised, log-transformed expression over every usable
+    cell of every part, accumulated in one chunked pass.
     """
-    cols = np.flatnonzero(gene_mask)
-    if n_genes <= 0 or n_genes >= len(cols):
-        return cols
-    s1 = np.zeros(len(cols))
-    s2 = np.zeros(len(cols))
-    pos = 0
-    for idx, block in iter_row_chunks(matrix, chunk_size, rows):
-        block = block[:, cols]
-        dense = to_dense(block)
-        x = _log_transform(dense.astype(np.float64), totals[pos : pos + len(idx)], normalize, log1p)
-        s1 += x.sum(axis=0)
-        s2 += (x * x).sum(axis=0)
-        pos += len(idx)
-    n = max(len(rows), 1)
+    n_candidates = len(parts[0].cols)
+    if n_genes <= 0 or n_genes >= n_candidates:
+        return np.arange(n_candidates)
+    s1 = np.zeros(n_candidates)
+    s2 = np.zeros(n_candidates)
+    n = 0
+    for part in parts:
+        pos = 0
+        for idx, block in iter_row_chunks(part.matrix, chunk_size, part.rows):
+            block = block[:, part.cols]
+            dense = to_dense(block)
+            totals = part.totals[pos : pos + len(idx)]
+            x = _log_transform(dense.astype(np.float64), totals, normalize, log1p)
+            s1 += x.sum(axis=0)
+            s2 += (x * x).sum(axis=0)
+            pos += len(idx)
+        n += len(part.rows)
+    n = max(n, 1)
     var = s2 / n - (s1 / n) ** 2
     top = np.argsort(-var, kind="stable")[:n_genes]
-    return np.sort(cols[top])
+    return np.sort(top)
 
 
 def extract_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray, chunk_size: int) -> sp.csr_matrix:
@@ -178,16 +247,32 @@ def extract_rows(matrix: Any, rows: np.ndarray, cols: np.ndarray, chunk_size: in
     return sp.vstack(blocks, format="csr")
 
 
+#: the principal components are fitted on at most this many training cells (a seeded random
+#: subset above it, its covariance accumulated in float32 blocks and its top eigenpairs found by
+#: Lanczos iteration): the G x G covariance of 50k cells pins the leading components as well as a
+#: million cells do, and setup no longer grows with the reference for them
+PCA_MAX_CELLS = 50_000
+
+
 def principal_components(
-    raw: sp.csr_matrix, transform: ExpressionTransform, n_pcs: int, chunk_size: int = 10_000
+    raw: Any,
+    transform: ExpressionTransform,
+    n_pcs: int,
+    chunk_size: int = 10_000,
+    shape: tuple[int, int] | None = None,
+    fast: bool = False,
 ) -> np.ndarray:
     """Loadings (G, n_pcs) of the top principal components of ``transform(raw)``.
 
-    With more cells than genes, from the G x G covariance accumulated chunk by chunk (no dense
-    n x G copy) and only its top eigenpairs; with fewer cells (a small array), from the n x n Gram
-    matrix of the centred cells, which is cheaper and no larger.
+    ``raw``: a cells x genes matrix, or a function starting a pass over its row blocks
+    (:func:`part_blocks`; then ``shape`` gives their total shape). ``fast`` (for a large
+    reference's subsample) accumulates the covariance from float32 block products and finds only
+    the top eigenpairs by Lanczos iteration. With more cells than genes, from the G x G covariance accumulated chunk
+    by chunk (no dense n x G copy) and only its top eigenpairs; with fewer cells (a small array),
+    from the n x n Gram matrix of the centred cells, which is cheaper and no larger.
     """
-    n, g = raw.shape
+    blocks = _as_blocks(raw, chunk_size)
+    n, g = shape if shape is not None else _count_rows(blocks) if callable(raw) else raw.shape
     k = min(n_pcs, g, max(n, 1))
 
     def transformed(block: sp.csr_matrix) -> np.ndarray:
@@ -195,7 +280,8 @@ def principal_components(
         return transform(x)[0].double().numpy()
 
     if n < g:
-        x = transformed(raw)
+        parts = list(blocks())
+        x = transformed(sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0])
         x -= x.mean(axis=0)
         vals, vecs = scipy.linalg.eigh(x @ x.T, subset_by_index=[n - k, n - 1])
         top = x.T @ vecs[:, ::-1]
@@ -203,30 +289,56 @@ def principal_components(
     else:
         s1 = np.zeros(g)
         cov = np.zeros((g, g))
-        for start in range(0, n, chunk_size):
-            x = transformed(raw[start : start + chunk_size])
+        for block in blocks():
+            x = transformed(block)
             s1 += x.sum(axis=0)
-            cov += x.T @ x
+            if fast:
+                x32 = x.astype(np.float32)
+                cov += x32.T @ x32
+            else:
+                cov += x.T @ x
         mean = s1 / max(n, 1)
         cov = cov / max(n, 1) - np.outer(mean, mean)
-        vals, vecs = scipy.linalg.eigh(cov, subset_by_index=[g - k, g - 1])
+        if fast and k < g - 1:
+            from scipy.sparse.linalg import eigsh
+
+            vals, vecs = eigsh(cov, k=k, which="LA", v0=np.ones(g))
+            vecs = vecs[:, np.argsort(vals)]
+        else:
+            vals, vecs = scipy.linalg.eigh(cov, subset_by_index=[g - k, g - 1])
         top = vecs[:, ::-1]
     signs = np.sign(top[np.abs(top).argmax(axis=0), range(top.shape[1])])  # deterministic signs
     return top * signs
 
 
+def _count_rows(blocks: Blocks) -> tuple[int, int]:
+    n, g = 0, 0
+    for block in blocks():
+        n += block.shape[0]
+        g = block.shape[1]
+    return n, g
+
+
 def gene_moments(
-    raw: sp.csr_matrix, normalize: bool, log1p: bool, chunk_size: int = 10_000
+    raw: Any, normalize: bool, log1p: bool, chunk_size: int = 10_000
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and standard deviation of the transformed expression of ``raw``."""
-    n, g = raw.shape
-    s1 = np.zeros(g)
-    s2 = np.zeros(g)
-    for start in range(0, n, chunk_size):
-        block = raw[start : start + chunk_size].toarray().astype(np.float64)
-        x = _log_transform(block, block.sum(axis=1), normalize, log1p)
+    """Per-gene mean and standard deviation of the transformed expression of ``raw``.
+
+    ``raw``: a cells x genes matrix, or a function starting a pass over its row blocks.
+    """
+    s1: np.ndarray | None = None
+    s2: np.ndarray | None = None
+    n = 0
+    for block in _as_blocks(raw, chunk_size)():
+        dense = block.toarray().astype(np.float64)
+        x = _log_transform(dense, dense.sum(axis=1), normalize, log1p)
+        if s1 is None:
+            s1, s2 = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         s1 += x.sum(axis=0)
-        s2 += (x * x).sum(axis=0)
+        s2 += (x * x).sum(axis=0)  # type: ignore[operator]
+        n += len(x)
+    if s1 is None or s2 is None:
+        return np.zeros(0), np.zeros(0)
     mean = s1 / max(n, 1)
     std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0))
     return mean, np.where(std > 1e-8, std, 1.0)
@@ -253,61 +365,101 @@ def neighbour_components(requested: int, n_genes: int, n_train: int) -> int:
     return min(wanted, n_genes, max(n_train // CELLS_PER_NEIGHBOUR_PC, 1))
 
 
+def fit_frame(
+    coords: np.ndarray,
+    train: np.ndarray,
+    sections: Sequence[str] = (),
+    section_of: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """The coordinate frame of the training cells ``coords[train]``.
+
+    Returns (each section's centre (S, D), one scale common to all sections (the root mean
+    square of the centred coordinates), the median nearest-neighbour distance within sections).
+
+    Raises:
+        DataError: a section without training cells, or every cell at the same position.
+    """
+    from scipy.spatial import cKDTree
+
+    codes = np.zeros(len(coords), dtype=np.int64) if section_of is None else section_of
+    n_sections = max(len(sections), 1)
+    centers = np.zeros((n_sections, coords.shape[1]))
+    nn_dist = []
+    train_codes = codes[train]
+    train_coords = coords[train]
+    for s in range(n_sections):
+        mine = train_coords[train_codes == s]
+        if len(mine) == 0:
+            raise DataError(f"section {sections[s]!r} has no training cells; it is too small")
+        centers[s] = mine.mean(axis=0)
+        if len(mine) > 1:
+            nn_dist.append(cKDTree(mine).query(mine, k=2)[0][:, 1])
+    spread = float(np.sqrt(np.mean((train_coords - centers[train_codes]) ** 2)))
+    if not spread > 0:
+        raise DataError("all reference cells sit at the same position; coordinates are needed")
+    nn_distance = float(np.median(np.concatenate(nn_dist))) if nn_dist else 1.0
+    return centers, spread, nn_distance
+
+
 def fit_preprocessor(
-    matrix: Any,
-    var_names: Sequence[str],
-    rows: np.ndarray,
+    parts: Sequence[MatrixPart],
+    gene_names: Sequence[str],
     train: np.ndarray,
     coords: np.ndarray,
     *,
-    gene_mask: np.ndarray,
-    totals: np.ndarray,
     count_data: bool,
     normalize: bool,
     log1p: bool,
+    sections: Sequence[str] = (),
+    section_of: np.ndarray | None = None,
     n_genes: int = 2000,
     scale: bool = True,
     n_pcs: int = 0,
     neighbour_pcs: int = 15,
     chunk_size: int = 2000,
-) -> tuple[Preprocessor, sp.csr_matrix]:
+    seed: int = 0,
+) -> tuple[Preprocessor, np.ndarray]:
     """The one preprocessing fit: gene selection, normalisation, coordinate frame, PCA loadings.
 
-    Reads ``matrix`` (in memory or backed) in row chunks: the ``n_genes`` most variable kept genes
-    over ``rows`` (:func:`select_genes`), then, on the training cells ``rows[train]`` only, the
-    per-gene moments of the transformed expression, the coordinate centre and single scale, the
-    median nearest-neighbour distance and the principal-component loadings of the encoder input
-    (``n_pcs``) and of the neighbour search (:func:`neighbour_components`).
+    Reads the parts' matrices (in memory or backed, one per section) in row chunks, never holding
+    more than a chunk of expression: the ``n_genes`` most variable candidate genes over every
+    usable cell (:func:`select_genes`), then, on the training cells only, the per-gene moments of
+    the transformed expression, each section's coordinate centre with one scale common to all,
+    the median nearest-neighbour distance (within sections) and the principal-component loadings
+    of the encoder input (``n_pcs``) and of the neighbour search (:func:`neighbour_components`),
+    the latter from at most :data:`PCA_MAX_CELLS` training cells.
 
     Args:
-        matrix: cells x genes (dense, sparse or backed), all cells and genes of the file.
-        var_names: its gene names.
-        rows: the usable cells (row ids of ``matrix``, increasing).
-        train: positions in ``rows`` of the training cells (increasing).
-        coords: (len(rows), D) coordinates of the usable cells.
-        gene_mask: the genes the hygiene kept; totals: each usable cell's total over them.
+        parts: one :class:`MatrixPart` per section, in order.
+        gene_names: the candidate genes (the parts' common order).
+        train: positions of the training cells among all usable cells (the parts' usable rows
+            concatenated), increasing.
+        coords: (n_usable, D) coordinates, each section in its own frame.
         count_data, normalize, log1p: what the data are and how they are transformed.
+        sections, section_of: the sections' names and each usable cell's section (code into
+            ``sections``) for a reference of several sections.
+        seed: seed of the PCA subset of a large reference.
 
     Returns:
-        (the fitted :class:`Preprocessor`, carrying its loadings; the raw expression of the
-        selected genes for ``rows`` as a float32 CSR matrix).
+        (the fitted :class:`Preprocessor`, carrying its loadings; the positions of the selected
+        genes among the candidates, increasing).
     """
-    from scipy.spatial import cKDTree
+    selected = select_genes(parts, n_genes, normalize, log1p, chunk_size)
+    sizes = np.array([len(p.rows) for p in parts])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    centers, spread, nn_distance = fit_frame(coords, train, sections, section_of)
 
-    cols = select_genes(matrix, rows, gene_mask, totals, n_genes, normalize, log1p, chunk_size)
-    raw = extract_rows(matrix, rows, cols, chunk_size)
-    train_raw = raw[train]
-    train_coords = coords[train]
-    center = train_coords.mean(axis=0)
-    spread = float(np.sqrt(np.mean((train_coords - center) ** 2)))
-    if not spread > 0:
-        raise DataError("all reference cells sit at the same position; coordinates are needed")
-    nn_dist = cKDTree(train_coords).query(train_coords, k=2)[0][:, 1]
+    def train_blocks(positions: np.ndarray) -> Blocks:
+        which = [
+            positions[(positions >= lo) & (positions < hi)] - lo for lo, hi in pairwise(offsets)
+        ]
+        return part_blocks(parts, selected, which, chunk_size)
+
     if scale:
-        mean, std = gene_moments(train_raw, normalize, log1p, chunk_size)
+        mean, std = gene_moments(train_blocks(train), normalize, log1p, chunk_size)
     else:
         mean, std = np.zeros(0), np.zeros(0)
-    genes = [str(g) for g in np.asarray(var_names)[cols]]
+    genes = [str(g) for g in np.asarray(gene_names)[selected]]
     n_train = len(train)
     pre = Preprocessor(
         genes=genes,
@@ -316,24 +468,35 @@ def fit_preprocessor(
         log1p=log1p,
         gene_mean=mean.tolist(),
         gene_std=std.tolist(),
-        coord_center=center.tolist(),
+        coord_center=centers[0].tolist(),
         coord_scale=spread,
-        ref_nn_distance=float(np.median(nn_dist)),
+        ref_nn_distance=nn_distance,
         n_pcs=min(n_pcs, len(genes), max(n_train - 1, 1)) if n_pcs > 0 else 0,
         neighbour_pcs=neighbour_components(neighbour_pcs, len(genes), n_train),
+        sections=[str(s) for s in sections] if len(sections) > 1 else [],
+        section_centers=centers.tolist() if len(sections) > 1 else [],
     )
+    pca_cells = train
+    if n_train > PCA_MAX_CELLS:
+        rng = np.random.default_rng([seed, 17])
+        pca_cells = np.sort(rng.choice(train, PCA_MAX_CELLS, replace=False))
     if pre.n_pcs:
         pre.pca_components = principal_components(
-            train_raw, ExpressionTransform.from_preprocessor(pre), pre.n_pcs, chunk_size
+            train_blocks(pca_cells),
+            ExpressionTransform.from_preprocessor(pre),
+            pre.n_pcs,
+            shape=(len(pca_cells), len(genes)),
+            fast=len(pca_cells) < n_train,
         )
     if pre.neighbour_pcs:
         pre.neighbour_components = principal_components(
-            train_raw,
+            train_blocks(pca_cells),
             ExpressionTransform(normalize, log1p),  # log-normalised, not scaled per gene
             pre.neighbour_pcs,
-            chunk_size,
+            shape=(len(pca_cells), len(genes)),
+            fast=len(pca_cells) < n_train,
         )
-    return pre, raw
+    return pre, selected
 
 
 class ExpressionTransform(nn.Module):

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpvae.neighbours import NeighbourIndex
+
 __all__ = ["classical_mds", "impute", "knn_mean", "reconstruct", "smacof"]
 
 #: Dense problems up to this many points are solved in float64.
@@ -257,14 +259,6 @@ def _check_reference(query: Tensor, ref: Tensor, coords: Tensor, k: int, chunk_s
     _check_positive_int("chunk_size", chunk_size)
 
 
-def _neighbours(q: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """k nearest reference rows of each query row: (indices (c, k), exact float64 distances)."""
-    approx = torch.cdist(q, ref)  # matrix-product path: fast; used for ranking only
-    idx = approx.topk(k, dim=1, largest=False, sorted=True).indices
-    diff = q.to(torch.float64)[:, None, :] - ref[idx].to(torch.float64)
-    return idx, torch.linalg.vector_norm(diff, dim=-1)
-
-
 def _floor(t: Tensor, rel: float) -> Tensor:
     """Per-row lower bound ``rel * mean(t)`` (at least 1e-150) used to keep weights finite."""
     return (rel * t.mean(dim=1, keepdim=True)).clamp_min(1e-150)
@@ -398,20 +392,35 @@ def _place(
     k: int,
     n_iter: int,
     chunk_size: int,
+    index: NeighbourIndex | None = None,
+    spread: Tensor | None = None,
 ) -> Tensor:
-    """Chunked neighbour search + (optional) majorisation; ``n_iter = 0`` gives the IDW mean."""
+    """Chunked neighbour search + (optional) majorisation; ``n_iter = 0`` gives the IDW mean.
+
+    The neighbours come from one :class:`dpvae.neighbours.NeighbourIndex` over ``ref`` (``index``
+    when the caller built it already), searched ``chunk_size`` query rows at a time. ``spread``
+    (m,), when given, receives each cell's neighbour spread: the inverse-distance weighted root
+    mean square distance of its neighbours' coordinates from its placement.
+    """
     out_dtype = _float_dtype(coords)
     out = torch.empty(query.shape[0], coords.shape[1], dtype=out_dtype, device=query.device)
     coords64 = coords.to(torch.float64)
     common = torch.promote_types(_float_dtype(query), _float_dtype(ref))
-    query = query.to(common)
-    ref = ref.to(common)
+    if index is None:
+        index = NeighbourIndex(ref.to(common))
     for start in range(0, query.shape[0], chunk_size):
-        q = query[start : start + chunk_size]
-        idx, t = _neighbours(q, ref, k)
+        q = query[start : start + chunk_size].to(common)
+        idx, t = index.search(q, k)
+        idx = idx.to(coords64.device)
         y = coords64[idx]
+        t = t.to(coords64.device)
         x = _idw_mean(y, t) if n_iter == 0 else _solve_points(y, t / scale, n_iter)
-        out[start : start + q.shape[0]] = x.to(out_dtype)
+        out[start : start + q.shape[0]] = x.to(device=out.device, dtype=out_dtype)
+        if spread is not None:
+            w = 1.0 / torch.maximum(t, _floor(t, 1e-9))
+            sq = ((y - x[:, None, :]) ** 2).sum(dim=-1)
+            rms = ((w * sq).sum(dim=1) / w.sum(dim=1)).sqrt()
+            spread[start : start + q.shape[0]] = rms.to(device=spread.device, dtype=spread.dtype)
     return out
 
 
@@ -422,11 +431,15 @@ def knn_mean(
     ref_coords: Tensor,
     k: int = 10,
     chunk_size: int = 4096,
+    *,
+    index: NeighbourIndex | None = None,
+    spread: Tensor | None = None,
 ) -> Tensor:
     """Inverse-distance weighted mean of the coordinates of each query cell's k nearest references.
 
-    Neighbours are found in latent space by chunked ``torch.cdist`` + ``topk`` (memory
-    O(chunk_size * n_ref)); weights are ``1 / t_j`` with ``t_j`` the latent distance (floored at
+    Neighbours are found in latent space by :class:`dpvae.neighbours.NeighbourIndex` (exact up
+    to ``EXACT_MAX_REFERENCE`` reference cells, an inverted-file index above; ties to the lower
+    reference row), ``chunk_size`` query cells at a time; weights are ``1 / t_j`` with ``t_j`` the latent distance (floored at
     ``1e-9 * mean_j t_j``, so a query identical to a reference lands on it). Scale-free.
 
     Args:
@@ -435,6 +448,10 @@ def knn_mean(
         ref_coords: (r, p) reference coordinates.
         k: number of neighbours, 1 <= k <= r.
         chunk_size: query cells per neighbour-search chunk.
+        index: a :class:`~dpvae.neighbours.NeighbourIndex` already built over ``ref_latent``
+            (keyword only; placement builds one per reference and reuses it over query chunks).
+        spread: an (m,) tensor that receives each cell's neighbour spread (keyword only; the
+            weighted RMS distance of its neighbours' coordinates from its placement).
 
     Returns:
         (m, p) coordinates in the floating dtype of ``ref_coords``, on the query's device.
@@ -443,7 +460,7 @@ def knn_mean(
         ValueError: on inconsistent shapes or invalid ``k``/``chunk_size``.
     """
     _check_reference(query_latent, ref_latent, ref_coords, k, chunk_size)
-    return _place(query_latent, ref_latent, ref_coords, 1.0, k, 0, chunk_size)
+    return _place(query_latent, ref_latent, ref_coords, 1.0, k, 0, chunk_size, index, spread)
 
 
 @torch.no_grad()
@@ -455,6 +472,9 @@ def impute(
     k: int = 10,
     n_iter: int = 50,
     chunk_size: int = 4096,
+    *,
+    index: NeighbourIndex | None = None,
+    spread: Tensor | None = None,
 ) -> Tensor:
     """Place query cells in the reference frame from latent distances to their k nearest references.
 
@@ -478,6 +498,8 @@ def impute(
         k: number of reference neighbours, 1 <= k <= r.
         n_iter: majorisation iterations (0 returns the weighted-mean start).
         chunk_size: query cells per chunk.
+        index: a :class:`~dpvae.neighbours.NeighbourIndex` already built over ``ref_latent``
+            (keyword only).
 
     Returns:
         (m, p) coordinates in the floating dtype of ``ref_coords``, on the query's device.
@@ -488,7 +510,9 @@ def impute(
     _check_reference(query_latent, ref_latent, ref_coords, k, chunk_size)
     _check_scale(scale)
     _check_positive_int("n_iter", n_iter, minimum=0)
-    return _place(query_latent, ref_latent, ref_coords, float(scale), k, n_iter, chunk_size)
+    return _place(
+        query_latent, ref_latent, ref_coords, float(scale), k, n_iter, chunk_size, index, spread
+    )
 
 
 @torch.no_grad()

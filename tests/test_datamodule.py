@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
 
@@ -72,7 +73,8 @@ def test_backed_mode_gives_the_same_data(tmp_path: Path, monkeypatch: pytest.Mon
     disk.setup()
     assert opened == [False, True]  # each mode took effect
     assert mem.preprocessor == disk.preprocessor
-    assert (mem.cells("all").raw != disk.cells("all").raw).nnz == 0
+    assert not sp.issparse(disk.cells("all").raw)  # streamed: no matrix held
+    assert (mem.cells("all").raw != disk.cells("all").raw[:]).nnz == 0
     assert mem.preprocessor.spatial_dim == 3
 
 
@@ -124,7 +126,7 @@ def test_neighbour_pcs_are_log_normalised_and_capped_by_reference_size(tmp_path:
     assert dm.preprocessor.neighbour_pcs == n_train // CELLS_PER_NEIGHBOUR_PC == 6
     loadings = dm.preprocessor.neighbour_components
     assert loadings.shape == (30, 6) and dm.preprocessor.pca_components is None
-    x = train.raw.toarray().astype(np.float64)
+    x = train.raw[:].toarray().astype(np.float64)
     x = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)  # no per-gene scaling
     vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
     top = vecs[:, np.argsort(vals)[::-1][:6]]
@@ -159,3 +161,100 @@ def test_principal_components_match_numpy(n_cells: int) -> None:
     top = vecs[:, np.argsort(vals)[::-1][:5]]
     assert loadings.shape == (120, 5)
     np.testing.assert_allclose(np.abs((top * loadings).sum(axis=0)), 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------- the pair sets
+@pytest.mark.parametrize("far_pairs", [0, 50])
+def test_pair_set_neighbour_and_far_pairs_with_their_weights(far_pairs: int) -> None:
+    rng = np.random.default_rng(0)
+    n, k = 103, 4
+    nbrs = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    sampler = PairedBatchSampler(
+        n, nbrs, 20, seed=1, pair_set=True, far_pairs=far_pairs, near_weight=0.3
+    )
+    plans = list(sampler)
+    assert len(plans) == len(sampler) == 11
+    for plan in plans:
+        b = len(plan.rows)
+        assert plan.pairs is not None and plan.weights is not None
+        pairs, w = plan.pairs, plan.weights
+        m = b // 2
+        # the first m pairs are (anchor, its neighbour), weighing near_weight together
+        assert pairs[:, :m].tolist() == [list(range(0, b, 2)), list(range(1, b, 2))]
+        for a, c in pairs[:, :m].T:
+            assert plan.rows[c] in set(nbrs[plan.rows[a]].tolist())
+        assert w[:m].sum() == pytest.approx(0.3) and w.sum() == pytest.approx(1.0)
+        far = pairs[:, m:]
+        assert (far[0] < far[1]).all() and far.max() < b and far.dtype == np.int64
+        if far_pairs:
+            assert far.shape[1] == far_pairs
+        else:  # every other in-batch pair, once
+            assert far.shape[1] == b * (b - 1) // 2 - m
+            assert len({tuple(p) for p in far.T} | {tuple(p) for p in pairs[:, :m].T}) == (
+                b * (b - 1) // 2
+            )
+    again = list(PairedBatchSampler(n, nbrs, 20, seed=1, pair_set=True, far_pairs=far_pairs))
+    assert all((p.pairs == q.pairs).all() for p, q in zip(plans, again))  # seeded
+
+
+def test_two_ranks_shard_the_neighbour_pairs_disjointly() -> None:
+    rng = np.random.default_rng(2)
+    n, k = 101, 6
+    nbrs = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    for epoch in (0, 1):
+        near: list[set[tuple[int, int]]] = []
+        anchors: list[list[int]] = []
+        lengths = []
+        for rank in (0, 1):
+            sampler = PairedBatchSampler(
+                n, nbrs, 16, seed=0, rank=rank, world_size=2, pair_set=True, far_pairs=0
+            )
+            sampler.set_epoch(epoch)
+            plans = list(sampler)
+            lengths.append(len(plans))
+            mine = [
+                (int(p.rows[a]), int(p.rows[c]))
+                for p in plans
+                for a, c in p.pairs[:, : len(p.rows) // 2].T
+            ]
+            near.append(set(mine))
+            anchors.append([a for a, _ in mine])
+            assert len(set(mine)) == len(mine) == n // 2  # each anchor once, with one neighbour
+        assert lengths[0] == lengths[1]
+        assert not near[0] & near[1]  # no (cell, neighbour) pair on both ranks
+        assert not set(anchors[0]) & set(anchors[1])  # disjoint anchors, 50 each: 1 left out
+
+
+def test_lightning_sets_the_epoch_of_the_batch_sampler() -> None:
+    """Lightning calls set_epoch on dataloader.batch_sampler.sampler, not on the batch sampler:
+    the sampler's hook must take it, or every epoch repeats the first one's batches."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    nbrs = np.tile(np.arange(1, 5), (40, 1)) % 40
+    sampler = PairedBatchSampler(40, nbrs, 8, seed=0)
+    loader = DataLoader(range(40), batch_sampler=sampler, collate_fn=lambda b: b)
+    first = [p.rows.tolist() for p in sampler]
+    _set_sampler_epoch(loader, 3)
+    assert sampler.epoch == 3 and [p.rows.tolist() for p in sampler] != first
+
+
+def test_training_batches_carry_the_pair_set_and_validation_all_pairs(tmp_path: Path) -> None:
+    from dpvae.errors import ConfigError
+
+    dm = ReferenceDataModule(
+        _toy(tmp_path), n_genes=0, batch_size=32, pair_set=True, far_pairs=100, near_weight=0.4
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pairs"].shape == (2, 116) and batch["pairs"].dtype == torch.int64
+    assert batch["pair_weight"].shape == (116,) and float(batch["pair_weight"][:16].sum()) == (
+        pytest.approx(0.4)
+    )
+    assert "pairs" not in next(iter(dm.val_dataloader()))  # validation scores every pair
+    off = ReferenceDataModule(_toy(tmp_path), n_genes=0, batch_size=32)
+    off.setup()
+    assert "pairs" not in next(iter(off.train_dataloader()))  # the default: every in-batch pair
+    for bad in ({"near_weight": 1.0}, {"near_weight": 0.0}, {"far_pairs": -1}):
+        with pytest.raises(ConfigError, match="near_weight|far_pairs"):
+            ReferenceDataModule(**bad)  # type: ignore[arg-type]

@@ -309,3 +309,148 @@ def test_fit_predict_is_fit_then_predict(osmfish_small: Path) -> None:
     assert scores["dist_pearson"] > 0.2
     with pytest.raises(ValueError, match="task must be"):
         fit_predict(ref, query, "anchored")
+
+
+def test_chunked_encoding_and_placement_equal_one_block(osmfish_run: dict[str, Path]) -> None:
+    """The query read, embedded and placed in small blocks gives the placements of one block."""
+    model = dpvae.load(osmfish_run["run"])
+    query = ad.read_h5ad(osmfish_run["query"])
+    whole = placement.encode(model.module, query, block=10**9)
+    parts = placement.encode(model.module, query, batch_size=64, block=128)
+    np.testing.assert_array_equal(parts[0], whole[0])
+    ref = model.reference
+    assert ref is not None
+    pre = model.module.preprocessor
+    latent, pcs = whole[0], whole[1]
+    keep = ~np.isnan(latent).any(axis=1)
+    args = (latent[keep], ref.search_latent(), pre.coords_to_model(ref.coords))
+    kwargs = dict(query_pcs=None if pcs is None else pcs[keep], ref_pcs=ref.pcs)
+    one = placement.place(*args, **kwargs, block=10**9)
+    for align in (False, True):
+        np.testing.assert_array_equal(
+            placement.place(*args, **kwargs, align_query=align, block=97).numpy(),
+            placement.place(*args, **kwargs, align_query=align, block=10**9).numpy(),
+        )
+    np.testing.assert_array_equal(placement.place(*args, **kwargs, block=97).numpy(), one.numpy())
+
+
+def _two_sections(run: Path, tmp: Path) -> Path:
+    """The run's embedding split into two sections; section B's frame shifted far away."""
+    emb = placement.ReferenceEmbedding.read(run / "embedding.h5ad")
+    n = len(emb)
+    section = np.where(np.arange(n) % 2 == 0, "A", "B")
+    coords = emb.coords.copy()
+    coords[section == "B"] += 100.0 * float(np.ptp(coords))
+    emb.coords, emb.section, emb.sections = coords, section, ("A", "B")
+    folder = tmp / "two"
+    dpvae.load(run).save(folder)
+    emb.write(folder / "embedding.h5ad")
+    return folder
+
+
+def test_reference_section_filters_the_reference(
+    osmfish_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _two_sections(osmfish_run["run"], osmfish_run["tmp"])
+    file = ad.read_h5ad(folder / "embedding.h5ad")
+    assert list(file.obs["section"].cat.categories) == ["A", "B"]
+    assert list(file.uns["dpvae"]["sections"]) == ["A", "B"]
+    model = dpvae.load(folder)
+    assert model.reference is not None and model.reference.sections == ("A", "B")
+    query = ad.read_h5ad(osmfish_run["query"])
+    first = model.predict(query)  # the first section by default
+    a = model.predict(query, reference_section="A")
+    b = model.predict(query, reference_section="B")
+    np.testing.assert_array_equal(first, a)
+    placed = np.isfinite(a).all(axis=1)
+    assert placed.any()
+    # each section's cells alone: B's placements are in B's shifted frame
+    assert np.nanmin(b[:, 0]) > 50.0 * float(np.ptp(a[placed]))
+    ref = model.reference
+    half, name = ref.select_section("B")
+    assert name == "B" and len(half) == int((ref.section == "B").sum())
+    assert half.in_sample is None  # calibrated over all cells before the filter
+    np.testing.assert_array_equal(half.latent, ref.search_latent()[ref.section == "B"])
+    with pytest.raises(ConfigError, match="its sections: A, B"):
+        model.predict(query, reference_section="C")
+    out = osmfish_run["tmp"] / "sec.h5ad"
+    args = [f"checkpoint={folder / 'model.ckpt'}", f"query={osmfish_run['query']}"]
+    assert predict_main([*args, f"output={out}", "reference_section=B"]) == 0
+    assert "reference section B of 2" in capsys.readouterr().out
+    assert ad.read_h5ad(out).uns["dpvae"]["reference_section"] == "B"
+    code = predict_main([*args, f"output={osmfish_run['tmp'] / 'x.h5ad'}", "reference_section=C"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "its sections: A, B" in err[0]
+    # a one-section reference: as before, no section in the output
+    one = [f"checkpoint={osmfish_run['run'] / 'model.ckpt'}", f"query={osmfish_run['query']}"]
+    plain = predict_main([*one, f"output={osmfish_run['tmp'] / 'one.h5ad'}"])
+    assert plain == 0 and "reference section" not in capsys.readouterr().out
+    assert "reference_section" not in ad.read_h5ad(osmfish_run["tmp"] / "one.h5ad").uns["dpvae"]
+    with pytest.raises(ConfigError, match="no named sections"):
+        dpvae.load(osmfish_run["run"]).predict(query, reference_section="A")
+
+
+def test_a_large_query_is_streamed_from_disk(
+    osmfish_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the size limit the query is read backed and the output written by copying the file:
+    the same content as the in-memory path."""
+    from dpvae import cli
+
+    args = [f"checkpoint={osmfish_run['run'] / 'model.ckpt'}", f"query={osmfish_run['query']}"]
+    assert predict_main([*args, f"output={tmp_path / 'memory.h5ad'}"]) == 0
+    monkeypatch.setattr(cli, "STREAM_QUERY_MB", 0.0)
+    assert predict_main([*args, f"output={tmp_path / 'stream.h5ad'}", "plot=ClusterName"]) == 0
+    memory, stream = ad.read_h5ad(tmp_path / "memory.h5ad"), ad.read_h5ad(tmp_path / "stream.h5ad")
+    for key in ("spatial_dpvae", "X_dpvae", "spatial"):
+        np.testing.assert_array_equal(stream.obsm[key], memory.obsm[key])
+    import scipy.sparse as sp
+
+    def dense(x: object) -> np.ndarray:
+        return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+    np.testing.assert_array_equal(dense(stream.X), dense(memory.X))
+    assert list(stream.obs_names) == list(memory.obs_names)
+    assert stream.uns["dpvae"]["scores"] == memory.uns["dpvae"]["scores"]
+    assert (tmp_path / "stream.png").stat().st_size > 10_000
+
+
+def test_embed_reference_keeps_the_sections(osmfish_run: dict[str, Path], tmp_path: Path) -> None:
+    """A datamodule's cells of several sections: embedding.h5ad records each cell's section
+    (categorical, in the reference's order) and the names, and reads them back."""
+    from dpvae.contracts import Cells
+    from dpvae.io import align_genes, get_coordinates
+
+    model = dpvae.load(osmfish_run["run"])
+    query = ad.read_h5ad(osmfish_run["query"])
+    raw, _ = align_genes(query, model.genes)
+    n = query.n_obs
+    section = np.where(np.arange(n) < n // 3, "second", "first")
+    cells = Cells(
+        raw=raw,
+        coords=get_coordinates(query),
+        index=np.arange(n),
+        names=np.asarray(query.obs_names).astype(str),
+        section=section,
+        sections=("first", "second"),
+    )
+
+    class Data:
+        preprocessor = model.module.preprocessor
+
+        def cells(self, split: str) -> Cells:
+            return (
+                cells
+                if split == "all"
+                else Cells(raw[:10], cells.coords[:10], np.arange(10), cells.names[:10])
+            )
+
+    emb = placement.embed_reference(model.module, Data())  # type: ignore[arg-type]
+    path = emb.write(tmp_path / "embedding.h5ad")
+    file = ad.read_h5ad(path)
+    assert list(file.obs["section"].cat.categories) == ["first", "second"]
+    assert list(file.uns["dpvae"]["sections"]) == ["first", "second"]
+    back = placement.ReferenceEmbedding.read(path)
+    assert back.sections == ("first", "second")
+    np.testing.assert_array_equal(back.section, section)
+    assert len(back.select_section()[0]) == int((section == "first").sum())

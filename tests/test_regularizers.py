@@ -93,3 +93,105 @@ def test_yaml_options_build() -> None:
         cfg = load_config([f"model.regularizer={option}"])
         reg = instantiate(cfg.model.regularizer)
         assert reg(torch.randn(6, 4), torch.randn(6, 2), batch_pairs(torch.randn(6, 2))).ndim == 0
+
+
+# ------------------------------------------------------------------ weighted pair sets
+@pytest.mark.parametrize("cls", [DPRegularizer, StressRegularizer])
+def test_unit_weights_change_nothing_and_weights_select_pairs(cls: type) -> None:
+    coords = torch.randn(20, 2, dtype=torch.float64)
+    z = torch.randn(20, 4, dtype=torch.float64)
+    pairs = batch_pairs(coords)
+    reg = cls().double()
+    reg.reset_scale(0.7)
+    plain = reg(z, coords, pairs)
+    assert reg(z, coords, pairs, weight=torch.ones(pairs.shape[1], dtype=torch.float64)).item() == (
+        pytest.approx(plain.item(), rel=1e-12)
+    )
+    # weight only on the first 10 pairs: the term of those 10 pairs alone
+    w = torch.zeros(pairs.shape[1], dtype=torch.float64)
+    w[:10] = 3.0
+    assert reg(z, coords, pairs, weight=w).item() == pytest.approx(
+        reg(z, coords, pairs[:, :10]).item(), rel=1e-10
+    )
+    # an exactly scaled copy is still 0 whatever the weights
+    exact = _scaled_copy(coords, 0.7, latent_dim=4)
+    assert reg(exact, coords, pairs, weight=torch.rand(pairs.shape[1])).item() == pytest.approx(
+        0.0, abs=1e-4
+    )
+
+
+def test_dp_weighted_mean_gap_by_hand() -> None:
+    coords = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    z = torch.tensor([[0.0], [4.0], [12.0]])
+    reg = DPRegularizer()
+    reg.reset_scale(1.0)
+    pairs = batch_pairs(coords)  # gaps 1, 2, 3
+    w = torch.tensor([0.5, 0.25, 0.25])
+    assert reg(z, coords, pairs, weight=w).item() == pytest.approx(0.5 + 0.5 + 0.75, abs=1e-4)
+    rel = DPRegularizer(relative=1.0)  # relative weights (mean d / d) times the pair weights
+    rel.reset_scale(1.0)
+    d = torch.tensor([5.0, 10.0, 5.0])
+    expected = (torch.tensor([1.0, 2.0, 3.0]) * w / d).sum() / (w / d).sum()
+    assert rel(z, coords, pairs, weight=w).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+class _Legacy(torch.nn.Module):
+    """A user-written forward(z, coords, pairs) from before pair weights: mean latent distance."""
+
+    def forward(self, z: torch.Tensor, coords: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return (z[pairs[0]] - z[pairs[1]]).norm(dim=-1).mean()
+
+
+def test_regularizers_without_weight_get_weight_resampled_pairs() -> None:
+    from types import SimpleNamespace
+
+    from dpvae.module import DPVAE
+    from dpvae.regularizers import accepts_weight
+
+    assert accepts_weight(DPRegularizer()) and accepts_weight(StressRegularizer())
+    assert accepts_weight(NoRegularizer()) and not accepts_weight(_Legacy())
+    z = torch.tensor([[0.0], [1.0], [5.0], [9.0]])
+    coords = torch.randn(4, 2)
+    pairs = torch.tensor([[0, 0, 2], [1, 2, 3]])
+    host = SimpleNamespace(regularizer=_Legacy(), _weighted_regularizer=False)
+    # all the weight on pair (0, 2): every drawn pair is that one
+    out = DPVAE._regularize(host, z, coords, pairs, torch.tensor([0.0, 1.0, 0.0]))  # type: ignore[arg-type]
+    assert out.item() == pytest.approx(5.0)
+    # in expectation the weighted mean: 0.5 * 1 + 0.5 * 4 = 2.5
+    torch.manual_seed(0)
+    draws = [
+        DPVAE._regularize(host, z, coords, pairs, torch.tensor([0.5, 0.0, 0.5])).item()  # type: ignore[arg-type]
+        for _ in range(400)
+    ]
+    assert np.mean(draws) == pytest.approx(2.5, abs=0.1)
+    # no weights: the user's form sees exactly the pairs
+    assert DPVAE._regularize(host, z, coords, pairs, None).item() == pytest.approx(10 / 3)  # type: ignore[arg-type]
+
+
+def test_batch_pair_set_and_the_scale_that_minimises_the_weighted_gap() -> None:
+    from dpvae.module import batch_pair_set, weighted_median
+
+    coords = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    batch = {
+        "coords": coords,
+        "pairs": torch.tensor([[0, 0, 1, 2], [1, 2, 3, 3]]),
+        "pair_weight": torch.tensor([0.4, 0.2, 0.2, 0.2]),
+    }
+    pairs, weight = batch_pair_set(batch, coords)
+    assert pairs.tolist() == [[0, 1, 2], [2, 3, 3]]  # (0, 1) share a position: dropped
+    assert weight is not None and weight.tolist() == pytest.approx([0.2, 0.2, 0.2])
+    all_pairs, none = batch_pair_set({"coords": coords}, coords)
+    assert none is None and all_pairs.tolist() == batch_pairs(coords).tolist()
+    # lambda at switch-on: the weighted median of dz / d with weights w * d minimises
+    # sum w |dz - lambda d|
+    gen = torch.Generator().manual_seed(1)
+    dz, d, w = (torch.rand(50, generator=gen) + 0.01 for _ in range(3))
+    lam = weighted_median(dz / d, w * d)
+
+    def cost(x: float) -> float:
+        return float((w * (dz - x * d).abs()).sum())
+
+    grid = torch.linspace(0.01, 10.0, 2000).tolist()
+    assert cost(float(lam)) <= min(cost(x) for x in grid) + 1e-6
+    v = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    assert weighted_median(v, torch.ones(4)) == torch.median(v)

@@ -278,3 +278,20 @@ def test_calibrate_in_sample_matches_held_out_spread() -> None:
     t_out, t_scale = calibrate_in_sample(torch.as_tensor(latent), torch.as_tensor(in_sample))
     np.testing.assert_allclose(t_out.numpy(), out, atol=1e-10)
     assert t_scale == pytest.approx(scale)
+
+
+def test_knn_mean_and_impute_reuse_a_built_index() -> None:
+    """An index built once over the reference gives what each call's own index gives."""
+    from dpvae.neighbours import NeighbourIndex
+
+    x = _config(900, 2, seed=21)
+    z = _embed(x)
+    index = NeighbourIndex(z[:600])
+    assert torch.equal(
+        knn_mean(z[600:], z[:600], x[:600], k=8, index=index),
+        knn_mean(z[600:], z[:600], x[:600], k=8),
+    )
+    assert torch.equal(
+        impute(z[600:], z[:600], x[:600], n_iter=5, index=index),
+        impute(z[600:], z[:600], x[:600], n_iter=5),
+    )

@@ -7,7 +7,13 @@ importable module, plus one YAML file naming it with ``_target_``; nothing is re
 
 from __future__ import annotations
 
-from dpvae.regularizers.base import DistanceRegularizer, ScaledDistanceRegularizer, pair_distances
+from dpvae.regularizers.base import (
+    DistanceRegularizer,
+    ScaledDistanceRegularizer,
+    accepts_weight,
+    pair_distances,
+    weighted_mean,
+)
 from dpvae.regularizers.dp import DPRegularizer
 from dpvae.regularizers.none import NoRegularizer
 from dpvae.regularizers.stress import StressRegularizer
@@ -18,5 +24,7 @@ __all__ = [
     "NoRegularizer",
     "ScaledDistanceRegularizer",
     "StressRegularizer",
+    "accepts_weight",
     "pair_distances",
+    "weighted_mean",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -22,23 +23,48 @@ def pair_distances(
     return dz, d
 
 
+def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """``sum(weight * values) / sum(weight)``; the plain mean when ``weight`` is ``None``."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum().clamp_min(1e-30)
+
+
+def accepts_weight(regularizer: nn.Module) -> bool:
+    """Whether ``regularizer.forward`` takes a ``weight`` keyword (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(regularizer.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return any(p.name == "weight" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class DistanceRegularizer(nn.Module):
     """Base class of distance regularizers.
 
     Contract:
         * ``__init__(**options)``; every option has a default.
-        * ``forward(z, coords, pairs)`` returns a scalar loss >= 0 that is 0 when latent distances
-          are exactly proportional (or equal, for forms without a scale) to spatial distances on the
-          given pairs. ``z`` (B, L) are the cells' latent codes, ``coords`` (B, D) their standardised
-          coordinates (one scale for all axes), ``pairs`` (2, P) index pairs into the batch with
-          distinct positions (P >= 1). The datamodule builds batches so that ``pairs`` holds both
-          random far pairs and spatial-neighbour pairs.
+        * ``forward(z, coords, pairs, weight=None)`` returns a scalar loss >= 0 that is 0 when
+          latent distances are exactly proportional (or equal, for forms without a scale) to
+          spatial distances on the given pairs. ``z`` (B, L) are the cells' latent codes,
+          ``coords`` (B, D) their standardised coordinates (one scale for all axes), ``pairs``
+          (2, P) index pairs into the batch with distinct positions (P >= 1). The datamodule builds
+          batches so that ``pairs`` holds both random far pairs and spatial-neighbour pairs.
+          ``weight`` (P,) holds each pair's non-negative weight (``None``: equal weights); a form
+          that averages over pairs should take the weighted mean (:func:`weighted_mean`), so that
+          the pair set's weights (e.g. the share of the neighbour pairs, ``data.near_weight``)
+          take effect. ``weight`` is optional: a ``forward(z, coords, pairs)`` without it keeps
+          working, and the model then hands it, when the batch's pairs are weighted, as many pairs
+          drawn (with replacement) in proportion to their weights, which gives the weighted term
+          in expectation.
         * ``scale()`` returns lambda, the learned latent-per-spatial scale, as a 0-d tensor, or
           ``None`` for a scale-free form; ``reset_scale(value)`` sets it (the model calls it once
           when the regularizer switches on after the warm-up, with the median latent/spatial ratio).
     """
 
-    def forward(self, z: Tensor, coords: Tensor, pairs: Tensor) -> Tensor:  # pragma: no cover
+    def forward(  # pragma: no cover
+        self, z: Tensor, coords: Tensor, pairs: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
         raise NotImplementedError
 
     def scale(self) -> Tensor | None:

@@ -1,0 +1,89 @@
+"""Per-cell uncertainty: a radius that holds the true position with 90% probability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import dpvae
+from dpvae.cli import predict_main
+from dpvae.placement import RADIUS_KEY, ReferenceEmbedding, conformal_radius, place
+from dpvae.preprocess import Preprocessor
+
+
+def _tissue(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cells on a square whose codes are their positions plus noise that grows to the right."""
+    xy = rng.uniform(0, 10, size=(n, 2))
+    noise = (0.05 + 0.3 * xy[:, :1] / 10) * rng.normal(size=(n, 6))
+    latent = np.c_[xy, np.zeros((n, 4))] + noise
+    return xy, latent.astype(np.float32)
+
+
+def _stub_model() -> SimpleNamespace:
+    pre = Preprocessor(
+        genes=["g"], count_data=True, normalize=True, log1p=True, coord_center=[0.0, 0.0]
+    )
+    pre.ref_nn_distance = 0.2
+    return SimpleNamespace(preprocessor=pre, scale_value=lambda: 1.0)
+
+
+def test_the_radius_covers_90_percent_of_exchangeable_cells_and_follows_difficulty() -> None:
+    rng = np.random.default_rng(0)
+    xy, latent = _tissue(3000, rng)
+    ref = ReferenceEmbedding(latent=latent, coords=xy)
+    model = _stub_model()
+    record = conformal_radius(model, ref, k=8, expression_weight=0.0)
+    assert record is not None and record["n_calibration"] == 3000
+    qxy, qlatent = _tissue(3000, rng)
+    spread = torch.empty(len(qxy), dtype=torch.float64)
+    pred = place(qlatent, latent, xy, k=8, spread=spread).numpy()
+    radius = record["quantile"] * (spread.numpy() + record["floor"])
+    error = np.linalg.norm(pred - qxy, axis=1)
+    assert 0.87 <= np.mean(error <= radius) <= 0.93
+    # informative: noisier (right-hand) cells get larger radii, so radius tracks the error
+    assert spearmanr(radius, error)[0] > 0.3
+    assert np.median(radius[qxy[:, 0] > 7]) > 1.5 * np.median(radius[qxy[:, 0] < 3])
+    # held-out cells of a run calibrate instead of folds when there are some
+    in_sample = np.ones(3000, dtype=bool)
+    in_sample[:300] = False
+    run = ReferenceEmbedding(latent=latent, coords=xy, in_sample=in_sample)
+    held = conformal_radius(model, run, k=8, expression_weight=0.0)
+    assert held is not None and held["n_calibration"] == 300 and "held-out" in held["calibration"]
+    assert conformal_radius(model, ReferenceEmbedding(latent=latent[:3], coords=xy[:3])) is None
+
+
+def test_prediction_writes_a_calibrated_radius(
+    osmfish_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "placed.h5ad"
+    code = predict_main(
+        [
+            f"checkpoint={osmfish_run['run'] / 'model.ckpt'}",
+            f"query={osmfish_run['query']}",
+            f"output={out}",
+            f"plot={RADIUS_KEY}",
+        ]
+    )
+    assert code == 0
+    said = capsys.readouterr().out
+    assert "90% radius: median" in said and "coverage90" in said
+    placed = ad.read_h5ad(out)
+    radius = placed.obs[RADIUS_KEY].to_numpy()
+    record = placed.uns["dpvae"]["radius"]
+    assert record["coverage"] == 0.9 and "held-out" in record["calibration"]
+    error = np.linalg.norm(placed.obsm["spatial_dpvae"] - placed.obsm["spatial"], axis=1)
+    ok = np.isfinite(radius)
+    # held-out cells of the same tissue: close to the promised 90%, and informative
+    assert 0.82 <= np.mean(error[ok] <= radius[ok]) <= 0.97
+    assert spearmanr(radius[ok], error[ok])[0] > 0.2
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    # the same from Python
+    xy, r = dpvae.load(osmfish_run["run"]).predict_with_radius(ad.read_h5ad(osmfish_run["query"]))
+    np.testing.assert_allclose(r[ok], radius[ok], rtol=1e-6)
+    np.testing.assert_allclose(xy, placed.obsm["spatial_dpvae"], rtol=1e-6)
