@@ -247,8 +247,8 @@ def check_missing_genes(missing: int, n_genes: int, what: str, allow: bool = Fal
         from dpvae.errors import DPVAEWarning
 
         warnings.warn(
-            f"{missing} of the model's {n_genes} genes are missing from {what}; they are taken "
-            "as zero",
+            f"{missing} of the model's {n_genes} genes are missing from {what}; they are filled "
+            "with zeros",
             DPVAEWarning,
             stacklevel=3,
         )

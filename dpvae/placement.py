@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dpvae.errors import DataError, DPVAEWarning
+from dpvae.io import check_missing_genes
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -564,18 +565,7 @@ def encode(
     genes = model.genes
     src, dst, missing = _gene_columns(adata, genes)
     n_genes = len(genes)
-    if missing > n_genes / 2 and not allow_missing_genes:
-        raise DataError(
-            f"the query lacks {missing} of the model's {n_genes} genes, too many to place its "
-            "cells well; check the gene ids, or pass allow_missing_genes=true to go on"
-        )
-    if missing:
-        warnings.warn(
-            f"{missing} of the model's {n_genes} genes are missing from the query; "
-            "they are filled with zeros",
-            DPVAEWarning,
-            stacklevel=2,
-        )
+    check_missing_genes(missing, n_genes, "the query", allow_missing_genes)
     pre = model.preprocessor
     counts_only = pre.normalize or pre.log1p
     matrix = get_matrix(adata, layer)
