@@ -4,6 +4,8 @@ Run from the repository root of a checkout::
 
     python -m benchmarks.protocol data_dir=../shared/data tasks=impute,transfer \\
         methods=dpvae,knn_regression,pca_mds seeds=0,1,2 datasets=all out=bench_out threads=1
+    python -m benchmarks.protocol data_dir=../shared/data tasks=anchored \\
+        methods=dpvae,dpvae_zeroshot,dpvae_anchors,knn_regression out=bench_out/anchored threads=1
 
 The keys, their defaults and what they mean are in ``benchmarks/conf/protocol.yaml`` (``--help``
 prints them); :func:`config_from` checks the values.
@@ -15,6 +17,16 @@ honest peak-memory figure. dp-VAE is called only through :func:`dpvae.api.fit_pr
 that child process), the comparators are :mod:`benchmarks.comparators`. The parent scores the
 returned coordinates with :func:`dpvae.metrics.score_coordinates`. A method that fails, is not
 installed or times out is recorded as such; the run goes on.
+
+The ``anchored`` task (a transfer pair A -> B with a fraction of B's cells given with their
+coordinates: the anchors) gives every method the anchors as its reference and the rest of B as
+the query; the dpvae variants also get section A: ``dpvae`` trains on A and fine-tunes on the
+anchors (:meth:`dpvae.api.Model.fine_tune`), ``dpvae_zeroshot`` trains on A and places the query
+against the anchors, ``dpvae_anchors`` trains on the anchors alone. The A-trained model of a
+(pair, seed) is trained once and kept in ``cache`` (default ``OUT/cache``); a run that reuses it
+reports its recorded training seconds on top of its own (``reused_s``), so every wall time is the
+method's whole cost. A method may return ``(coordinates, radius)``: a per-cell radius meant to
+hold the true position with 90% probability, scored by ``coverage90`` and ``radius_spearman``.
 
 Outputs in ``out``: ``results.csv`` (one row per run, written as runs finish), ``results.md``
 (one row per task, unit and method: mean ± sd over seeds), ``figures/*.png`` (true versus
@@ -60,6 +72,7 @@ __all__ = [
     "config_from",
     "hygiene",
     "hygiene_pair",
+    "anchored_split",
     "impute_split",
     "main",
     "method_inputs",
@@ -92,7 +105,33 @@ DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
 
 #: Methods the command knows. ``dpvae`` calls :func:`dpvae.api.fit_predict`; the others are in
 #: :mod:`benchmarks.comparators` (celery, tangram, novosparc are an optional extra).
-METHODS: tuple[str, ...] = ("dpvae", "knn_regression", "pca_mds", "celery", "tangram", "novosparc")
+METHODS: tuple[str, ...] = (
+    "dpvae",
+    "knn_regression",
+    "pca_mds",
+    "celery",
+    "tangram",
+    "novosparc",
+    "dpvae_zeroshot",
+    "dpvae_anchors",
+)
+
+#: Methods of the anchored task only (skipped on impute and transfer units). On anchored units
+#: ``dpvae`` is the fine-tuned model: trained on section A, fine-tuned on the anchors.
+ANCHORED_ONLY: frozenset[str] = frozenset({"dpvae_zeroshot", "dpvae_anchors"})
+
+#: dpvae methods of the anchored task that start from the model trained on section A.
+FROM_SOURCE: frozenset[str] = frozenset({"dpvae", "dpvae_zeroshot"})
+
+#: Small-data settings of dpvae trained on the anchors alone (as few as 13 cells): every cell
+#: trains (no held-out slice), the datamodule's minimum cell count of the fine-tuning profile,
+#: and every gene (the 2000 most variable genes of 13-25 breast-cancer anchors left some query
+#: spots with no expression at all, which dpvae cannot place).
+ANCHORS_ONLY_OVERRIDES: tuple[str, ...] = (
+    "data.val_fraction=0",
+    "data.min_cells=3",
+    "data.n_genes=0",
+)
 
 #: Methods whose output frame is arbitrary: scored with rotation-invariant scores only.
 FRAME_FREE: frozenset[str] = frozenset({"pca_mds"})
@@ -100,14 +139,18 @@ FRAME_FREE: frozenset[str] = frozenset({"pca_mds"})
 #: Module each optional published tool needs (checked before spawning a run).
 PEER_MODULES: dict[str, str] = {"celery": "CeLEry", "tangram": "tangram", "novosparc": "novosparc"}
 
-TASKS: tuple[str, ...] = ("impute", "transfer")
+TASKS: tuple[str, ...] = ("impute", "transfer", "anchored")
 SCORES: tuple[str, ...] = (
     "dist_pearson",
     "dist_spearman",
     "knn10",
     "median_error",
     "procrustes_rmse",
+    "coverage90",
+    "radius_spearman",
 )
+#: Scores of methods that report a per-cell radius (impute and anchored).
+RADIUS_SCORES: tuple[str, ...] = ("coverage90", "radius_spearman")
 
 #: dist_pearson means of ANCHORS.md (knn_regression and pca_mds over seeds 0-2; published tools
 #: as reported there), shown next to our numbers in results.md.
@@ -159,6 +202,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "status",
     *SCORES,
     "wall_s",
+    "reused_s",
     "peak_mb",
     "peak_delta_mb",
     "n_ref",
@@ -192,6 +236,16 @@ class BenchmarkConfig:
     files: dict[str, Path] = field(default_factory=dict)  # dataset id -> file
     impute_units: tuple[str, ...] = ()
     transfer_units: tuple[tuple[str, str], ...] = ()
+    anchor_fractions: tuple[float, ...] = (0.05, 0.1)
+    anchored_units: tuple[tuple[str, str, float], ...] = ()
+    dpvae_overrides: tuple[str, ...] = ()
+    finetune_overrides: tuple[str, ...] = ()
+    cache: Path | None = None  # anchored: the section-A models (None: out / "cache")
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder of the cached section-A models of the anchored task."""
+        return self.cache if self.cache is not None else self.out / "cache"
 
 
 #: Environment variables that set the thread pools (BLAS, OpenMP) of a run's process.
@@ -265,6 +319,32 @@ def _pairs(values: list[str], files: dict[str, Path], selected: list[str]) -> li
     return list(dict.fromkeys(pairs))
 
 
+def _fractions(values: Any) -> tuple[float, ...]:
+    out = []
+    for v in values if isinstance(values, Sequence) and not isinstance(values, str) else [values]:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < float(v) < 1:
+            raise ConfigError(f"anchor_fractions must be numbers between 0 and 1, got {v!r}")
+        out.append(float(v))
+    if not out:
+        raise ConfigError("anchor_fractions= needs at least one value")
+    return tuple(dict.fromkeys(out))
+
+
+def _overrides(key: str, value: Any) -> tuple[str, ...]:
+    """Space-separated ``key=value`` words (shell quoting rules) of a text key."""
+    import shlex
+
+    text = "" if value is None else str(value)
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+    bad = [w for w in words if "=" not in w]
+    if bad:
+        raise ConfigError(f"{key} takes space-separated key=value overrides, got {bad[0]!r}")
+    return tuple(words)
+
+
 def config_from(cfg: DictConfig) -> BenchmarkConfig:
     """Check the composed ``protocol.yaml`` configuration and resolve the units to run.
 
@@ -299,6 +379,10 @@ def config_from(cfg: DictConfig) -> BenchmarkConfig:
         out=Path(str(cfg.out)).expanduser(),
         timeout=timeout,
         threads=threads,
+        anchor_fractions=_fractions(list(cfg.anchor_fractions)),
+        dpvae_overrides=_overrides("dpvae_overrides", cfg.dpvae_overrides),
+        finetune_overrides=_overrides("finetune_overrides", cfg.finetune_overrides),
+        cache=None if cfg.cache in (None, "") else Path(str(cfg.cache)).expanduser(),
     )
     if not out.data_dir.is_dir():
         raise ConfigError(
@@ -314,7 +398,9 @@ def config_from(cfg: DictConfig) -> BenchmarkConfig:
     pairs = _pairs(_names("pairs", cfg.pairs), out.files, selected)
     out.impute_units = tuple(selected) if "impute" in out.tasks else ()
     out.transfer_units = tuple(pairs) if "transfer" in out.tasks else ()
-    if not out.impute_units and not out.transfer_units:
+    if "anchored" in out.tasks:
+        out.anchored_units = tuple((a, b, f) for a, b in pairs for f in out.anchor_fractions)
+    if not (out.impute_units or out.transfer_units or out.anchored_units):
         raise ConfigError("nothing to run: no impute dataset and no transfer pair selected")
     return out
 
@@ -406,6 +492,17 @@ def impute_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
 
 
+def anchored_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor and query cell indices of the protocol's anchored split of a section of ``n`` cells.
+
+    ``perm = default_rng(seed).permutation(n)``, ``n_anchor = round(fraction n)``; returns
+    ``(sort(perm[:n_anchor]), sort(perm[n_anchor:]))``.
+    """
+    perm = np.random.default_rng(seed).permutation(n)
+    n_anchor = round(fraction * n)
+    return np.sort(perm[:n_anchor]), np.sort(perm[n_anchor:])
+
+
 def _matrix(X: Any) -> Any:
     """A plain in-memory copy of an expression matrix (CSR if sparse, float32 kept)."""
     if sp.issparse(X):
@@ -448,9 +545,11 @@ class RunResult:
 
     status: str  # "ok", "timeout", "not installed" or "error: ..."
     coords: np.ndarray | None = None
-    wall_s: float = float("nan")
+    wall_s: float = float("nan")  # the method's whole cost: own fit + predict + reused_s
     peak_mb: float = float("nan")
     peak_delta_mb: float = float("nan")
+    radius: np.ndarray | None = None  # per-cell 90% radius, when the method reports one
+    reused_s: float = 0.0  # recorded seconds of a cached model the run reused (in wall_s)
 
 
 def _proc_status_kb(field_name: str) -> float:
@@ -484,18 +583,134 @@ def _peak_kb(reset_ok: bool) -> float:
 
 
 def _method_callable(method: str) -> Any:
-    """``fn(ref, query, task, seed) -> coordinates`` for ``method``, its modules imported (the
-    imports are not part of the timed fit + predict)."""
-    if method == "dpvae":
-        from dpvae.api import fit_predict
+    """``fn(ref, query, task, seed, ctx) -> coordinates or (coordinates, radius)`` for
+    ``method``, its modules imported (the imports are not part of the timed fit + predict).
 
-        return lambda ref, query, task, seed: fit_predict(ref, query, task=task, seed=seed)
+    ``ctx`` carries the run's extras (:func:`run_method`'s ``extras``; the anchored task's
+    ``source`` section, ``cache``, overrides); a method that reuses a cached model sets
+    ``ctx["reused_s"]`` to that model's recorded training seconds. ``"MODULE:FUNCTION"`` names
+    any importable callable of that signature (how the tests plug in a fake method).
+    """
+    if ":" in method:
+        import importlib
+
+        module, _, name = method.partition(":")
+        return getattr(importlib.import_module(module), name)
+    if method in ("dpvae", *ANCHORED_ONLY):
+        import dpvae.api  # noqa: F401 - torch and Lightning, before the clock starts
+
+        def run_dpvae(ref: Any, query: Any, task: str, seed: int, ctx: dict[str, Any]) -> Any:
+            if task == "anchored":
+                return _dpvae_anchored(method, ref, query, seed, ctx)
+            from dpvae.api import fit_predict
+
+            return fit_predict(
+                ref, query, task=task, seed=seed, overrides=ctx.get("dpvae_overrides", ())
+            )
+
+        return run_dpvae
     from benchmarks.comparators import COMPARATORS
 
     if method == "pca_mds":
         import dpvae.solver  # noqa: F401 - torch, imported by pca_mds
 
-    return lambda ref, query, task, seed: COMPARATORS[method](ref, query, seed)
+    return lambda ref, query, task, seed, ctx: COMPARATORS[method](ref, query, seed)
+
+
+def _fingerprint(adata: ad.AnnData, seed: int, overrides: Sequence[str]) -> str:
+    """A digest of a training section (genes, cells, expression, coordinates), seed, overrides."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update("\0".join(map(str, adata.var_names)).encode())
+    h.update("\0".join(map(str, adata.obs_names)).encode())
+    X = adata.X
+    data = X.data if sp.issparse(X) else np.asarray(X)
+    h.update(np.ascontiguousarray(data, dtype=np.float64).tobytes())
+    if sp.issparse(X):
+        h.update(np.ascontiguousarray(X.indices).tobytes())
+        h.update(np.ascontiguousarray(X.indptr).tobytes())
+    h.update(np.ascontiguousarray(adata.obsm["spatial"], dtype=np.float64).tobytes())
+    h.update(f"seed={seed}\0{chr(0).join(overrides)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _source_model(source: ad.AnnData, seed: int, ctx: dict[str, Any]) -> Any:
+    """The dpvae model trained on ``source`` (section A) with ``seed``: from ``ctx["cache"]``
+    when a matching one is there (then ``ctx["reused_s"]`` = its recorded training seconds),
+    else trained now (its time is part of this run's) and stored there."""
+    import json
+    import shutil
+
+    import dpvae
+
+    overrides = tuple(ctx.get("dpvae_overrides", ()))
+    key = _fingerprint(source, seed, overrides)
+    cache = Path(ctx["cache"]) if ctx.get("cache") else None
+    folder = (
+        cache / f"{_slug(str(ctx.get('pair', 'source')))}__seed{seed}__{key}" if cache else None
+    )
+    record = folder / "fit.json" if folder else None
+    if record is not None and record.is_file():
+        meta = json.loads(record.read_text())
+        if meta.get("fingerprint") == key:
+            model = dpvae.load(folder)
+            ctx["reused_s"] = float(meta["fit_s"])
+            print(f"benchmark: reusing {folder} (trained in {meta['fit_s']:.1f} s)", flush=True)
+            return model
+    t0 = time.perf_counter()
+    model = dpvae.fit(source, f"seed={seed}", *overrides)
+    fit_s = time.perf_counter() - t0
+    if folder is not None and record is not None:
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp)
+        (tmp / "fit.json").write_text(
+            json.dumps({"fingerprint": key, "fit_s": fit_s, "seed": seed, "overrides": overrides})
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another run stored the same model meanwhile: keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def _dpvae_place(model: Any, query: ad.AnnData, reference: Any = None) -> Any:
+    """Query coordinates from ``model`` (against ``reference``, else the model's own reference
+    cells); ``(coordinates, radius)`` when the prediction reports a 90% radius
+    (:meth:`dpvae.api.Model.predict_with_radius`, or ``obs['dpvae_radius90']`` of
+    :meth:`~dpvae.api.Model.annotate`) for some cell."""
+    if hasattr(model, "predict_with_radius"):
+        coords, radius = model.predict_with_radius(query, reference=reference)
+        coords, radius = np.asarray(coords, dtype=np.float64), np.asarray(radius, np.float64)
+    else:
+        placed = model.annotate(query.copy(), reference=reference)
+        coords = np.asarray(placed.obsm["spatial_dpvae"], dtype=np.float64)
+        col = placed.obs.get("dpvae_radius90")
+        radius = None if col is None else np.asarray(col, dtype=np.float64)
+    if radius is None or not np.isfinite(radius).any():
+        return coords  # not calibrated (e.g. fewer than 4 reference cells): no radius
+    return coords, radius
+
+
+def _dpvae_anchored(
+    method: str, anchors: ad.AnnData, query: ad.AnnData, seed: int, ctx: dict[str, Any]
+) -> Any:
+    """The dpvae variants of the anchored task (see the module docstring)."""
+    import dpvae
+
+    overrides = tuple(ctx.get("dpvae_overrides", ()))
+    if method == "dpvae_anchors":
+        model = dpvae.fit(anchors, f"seed={seed}", *ANCHORS_ONLY_OVERRIDES, *overrides)
+        return _dpvae_place(model, query)
+    if ctx.get("source") is None:
+        raise ValueError(f"{method} on the anchored task needs section A (ctx['source'])")
+    base = _source_model(ctx["source"], seed, ctx)
+    if method == "dpvae_zeroshot":
+        return _dpvae_place(base, query, reference=anchors)
+    tuned = base.fine_tune(anchors, f"seed={seed}", *ctx.get("finetune_overrides", ()))
+    return _dpvae_place(tuned, query)  # against its own reference cells: the anchors
 
 
 def _redirect_output(log_path: str | None) -> None:
@@ -510,6 +725,27 @@ def _redirect_output(log_path: str | None) -> None:
     os.close(fd)
 
 
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _split_output(out: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """A method's result as (coordinates, radius or None): it returns coordinates, or a
+    ``(coordinates, radius)`` pair with one radius per query cell."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(f"a method returns coordinates or (coordinates, radius), got {out!r}")
+        coords, radius = _as_numpy(out[0]), _as_numpy(out[1])
+        if radius.ndim != 1 or radius.shape[0] != coords.shape[0]:
+            raise ValueError(
+                f"radius has shape {radius.shape}, expected ({coords.shape[0]},): one per cell"
+            )
+        return coords, radius
+    return _as_numpy(out), None
+
+
 def _child(
     conn: Any,
     method: str,
@@ -518,8 +754,9 @@ def _child(
     seed: int,
     log_path: str | None = None,
 ) -> None:
-    """Child-process body: load the pickled (ref, query), run the method, send back
-    (status, coords, wall seconds, peak MB, peak MB above the loaded inputs)."""
+    """Child-process body: load the pickled (ref, query, extras), run the method, send back
+    (status, coords, radius, wall seconds, peak MB, peak MB above the loaded inputs, reused
+    seconds)."""
     try:
         _redirect_output(log_path)
         import pickle
@@ -527,25 +764,27 @@ def _child(
         from benchmarks.comparators import NotInstalledError
 
         with open(inputs_path, "rb") as fh:
-            ref, query = pickle.load(fh)
+            ref, query, extras = pickle.load(fh)
 
         fn = _method_callable(method)
+        ctx: dict[str, Any] = dict(extras)
         reset_ok = _reset_peak()
         rss0 = _proc_status_kb("VmRSS")
         t0 = time.perf_counter()
-        out = fn(ref, query, task, seed)
+        out = fn(ref, query, task, seed, ctx)
         wall = time.perf_counter() - t0
         peak = _peak_kb(reset_ok)
-        if hasattr(out, "detach"):
-            out = out.detach().cpu().numpy()
-        coords = np.asarray(out, dtype=np.float64)
-        conn.send(("ok", coords, wall, peak / 1024.0, (peak - rss0) / 1024.0))
+        coords, radius = _split_output(out)
+        reused = float(ctx.get("reused_s", 0.0))
+        conn.send(("ok", coords, radius, wall, peak / 1024.0, (peak - rss0) / 1024.0, reused))
     except NotInstalledError:
-        conn.send(("not installed", None, float("nan"), float("nan"), float("nan")))
+        nan = float("nan")
+        conn.send(("not installed", None, None, nan, nan, nan, 0.0))
     except BaseException as exc:  # noqa: BLE001 - anything a method raises is a recorded error
         traceback.print_exc()
         msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        conn.send((f"error: {msg[:300]}", None, float("nan"), float("nan"), float("nan")))
+        nan = float("nan")
+        conn.send((f"error: {msg[:300]}", None, None, nan, nan, nan, 0.0))
     finally:
         conn.close()
 
@@ -559,8 +798,13 @@ def run_method(
     timeout: float = 600.0,
     log_path: Path | None = None,
     threads: int | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run one method on (ref, query) in a fresh 'spawn' child process with a timeout.
+
+    ``extras`` reach the method as its ``ctx`` (picklable values: the anchored task's
+    ``source`` AnnData, ``cache`` folder, ``pair`` name, ``dpvae_overrides``,
+    ``finetune_overrides``).
 
     The child times fit + predict and measures the process's peak resident memory over that
     window; the coordinates come back through a pipe, the child's output goes to ``log_path``
@@ -577,7 +821,7 @@ def run_method(
     with tempfile.TemporaryDirectory(prefix="dpvae-bench-") as tmp:
         inputs_path = Path(tmp) / "inputs.pkl"
         with inputs_path.open("wb") as fh:
-            pickle.dump((ref, query), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((ref, query, dict(extras or {})), fh, protocol=pickle.HIGHEST_PROTOCOL)
         return _run_child(method, str(inputs_path), task, seed, timeout, log_path, threads)
 
 
@@ -644,10 +888,10 @@ def _run_child(
     if proc.is_alive():
         proc.kill()
         proc.join(5)
-    status, coords, wall, peak, delta = msg
+    status, coords, radius, wall, peak, delta, reused = msg
     if status == "ok" and wall > timeout:
         return RunResult("timeout", wall_s=wall, peak_mb=peak, peak_delta_mb=delta)
-    return RunResult(status, coords, wall, peak, delta)
+    return RunResult(status, coords, wall + reused, peak, delta, radius, reused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,26 +899,78 @@ def _run_child(
 # --------------------------------------------------------------------------------------------
 
 
-def _unit_name(unit: str | tuple[str, str]) -> str:
-    return unit if isinstance(unit, str) else f"{unit[0]}->{unit[1]}"
+Unit = str | tuple[str, str] | tuple[str, str, float]
+
+
+def _fraction_text(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def _unit_name(unit: Unit) -> str:
+    """``dataset``, ``A->B`` (transfer) or ``A->B@5%`` (anchored, 5% anchors)."""
+    if isinstance(unit, str):
+        return unit
+    if len(unit) == 3:
+        return f"{unit[0]}->{unit[1]}@{_fraction_text(unit[2])}"
+    return f"{unit[0]}->{unit[1]}"
 
 
 def _slug(name: str) -> str:
-    return name.replace("->", "__to__").replace("/", "_")
+    return name.replace("->", "__to__").replace("/", "_").replace("@", "__").replace("%", "pct")
+
+
+def radius_scores(P: np.ndarray, T: np.ndarray, radius: np.ndarray) -> dict[str, float]:
+    """``coverage90``: the fraction of cells with ``||P_i - T_i|| <= r_i``; ``radius_spearman``:
+    Spearman correlation of ``r_i`` and ``||P_i - T_i||`` (NaN when either is constant).
+
+    A NaN radius is a cell the method makes no claim for: it counts as not covered and is left
+    out of the correlation.
+
+    Raises:
+        ValueError: a radius per cell is missing, negative or infinite, or every radius is NaN.
+    """
+    from scipy.stats import spearmanr
+
+    r = np.asarray(radius, dtype=np.float64)
+    if r.shape != (P.shape[0],):
+        raise ValueError(f"radius has shape {r.shape}, expected ({P.shape[0]},)")
+    known = ~np.isnan(r)
+    if not known.any() or np.isinf(r).any() or (r[known] < 0).any():
+        raise ValueError("radius must be non-negative and finite (NaN: no claim), not all NaN")
+    err = np.linalg.norm(P - T, axis=1)
+    covered = known & (err <= np.where(known, r, 0.0))
+    rk, ek = r[known], err[known]
+    if rk.size < 2 or np.ptp(rk) == 0 or np.ptp(ek) == 0:
+        rho = float("nan")
+    else:
+        rho = float(spearmanr(rk, ek).statistic)
+    return {"coverage90": float(np.mean(covered)), "radius_spearman": rho}
 
 
 def _score(
-    method: str, task: str, P: np.ndarray, T: np.ndarray, ref_coords: np.ndarray
+    method: str,
+    task: str,
+    P: np.ndarray,
+    T: np.ndarray,
+    ref_coords: np.ndarray,
+    radius: np.ndarray | None = None,
 ) -> dict[str, float]:
+    """The protocol's scores of one prediction. ``ref_coords``: the coordinates whose median
+    nearest-neighbour distance divides median_error (impute: the reference; anchored: all of
+    section B, anchors and query). ``radius`` adds coverage90 and radius_spearman (impute and
+    anchored)."""
     from dpvae.metrics import median_nn_distance, score_coordinates
 
     if P.shape != T.shape:
         raise ValueError(f"prediction has shape {P.shape}, expected {T.shape}")
     if not np.isfinite(P).all():
         raise ValueError("prediction contains non-finite values")
-    scores = score_coordinates(P, T, task, ref_nn_distance=median_nn_distance(ref_coords))
+    kind = "impute" if task == "anchored" else task
+    scores = score_coordinates(P, T, kind, ref_nn_distance=median_nn_distance(ref_coords))
     if method in FRAME_FREE and "median_error" in scores:
         scores["median_error"] = float("nan")  # arbitrary frame: rotation-invariant scores only
+    if radius is not None and kind == "impute" and method not in FRAME_FREE:
+        scores.update(radius_scores(P, T, radius))
     return scores
 
 
@@ -698,7 +994,7 @@ class _CsvWriter:
 def _runs_for_unit(
     cfg: BenchmarkConfig,
     task: str,
-    unit: str | tuple[str, str],
+    unit: Unit,
     writer: _CsvWriter,
     log: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -723,18 +1019,22 @@ def _runs_for_unit(
 
     import anndata as ad
 
+    methods = [m for m in cfg.methods if task == "anchored" or m not in ANCHORED_ONLY]
+    if len(methods) < len(cfg.methods):
+        skipped = ", ".join(m for m in cfg.methods if m not in methods)
+        log(f"[{task}] {name}: {skipped} only run on the anchored task")
     try:
         if isinstance(unit, str):
             full = hygiene(ad.read_h5ad(cfg.files[unit]), unit)
             sections = None
         else:
-            a, b = unit
+            a, b = unit[0], unit[1]
             ref_full, query_full = hygiene_pair(
                 ad.read_h5ad(cfg.files[a]), ad.read_h5ad(cfg.files[b]), (a, b)
             )
             sections = (ref_full, query_full)
     except Exception as exc:  # a broken file: record it for every method and seed, go on
-        for method in cfg.methods:
+        for method in methods:
             for seed in cfg.seeds:
                 record(
                     {
@@ -748,23 +1048,64 @@ def _runs_for_unit(
         return rows, plot
 
     plot_seed = 0 if 0 in cfg.seeds else cfg.seeds[0]
+    source_in = None
+    if task == "anchored" and sections is not None:
+        # section A as a method's input (expression and coordinates), for the dpvae variants
+        source_in = method_inputs(sections[0], sections[0][:0])[0]
     for seed in cfg.seeds:
+        colour_ref = None
         if sections is None:
             ri, qi = impute_split(full.n_obs, seed)
             ref_sec, query_sec = full[ri], full[qi]
+            nn_coords = ref_sec.obsm["spatial"]
+        elif task == "anchored":
+            assert isinstance(unit, tuple) and len(unit) == 3
+            section_b = sections[1]
+            ai, qi = anchored_split(section_b.n_obs, unit[2], seed)
+            if len(ai) < 2 or len(qi) < 2:
+                msg = f"error: {len(ai)} anchor and {len(qi)} query cells; need 2 of each"
+                for method in methods:
+                    record(
+                        {"task": task, "unit": name, "method": method, "seed": seed, "status": msg}
+                    )
+                continue
+            ref_sec, query_sec = section_b[ai], section_b[qi]
+            nn_coords = section_b.obsm["spatial"]  # B's cell spacing: the anchors are too sparse
+            colour_ref = section_b
         else:
             ref_sec, query_sec = sections
+            nn_coords = ref_sec.obsm["spatial"]
         ref_in, query_in = method_inputs(ref_sec, query_sec)
         T = np.asarray(query_sec.obsm["spatial"], dtype=np.float64)
-        ref_coords = np.asarray(ref_sec.obsm["spatial"], dtype=np.float64)
+        ref_coords = np.asarray(nn_coords, dtype=np.float64)
         if seed == plot_seed:
-            plot.update(ref=ref_sec, query=query_sec, seed=seed)
-        for method in cfg.methods:
+            plot.update(
+                ref=colour_ref if colour_ref is not None else ref_sec, query=query_sec, seed=seed
+            )
+            if task == "anchored":
+                plot["anchors"] = np.asarray(ref_sec.obsm["spatial"], dtype=np.float64)
+        for method in methods:
             log_dir = cfg.out / "logs"
             log_dir.mkdir(exist_ok=True)
             log_path = log_dir / f"{task}__{_slug(name)}__{method}__seed{seed}.log"
+            extras: dict[str, Any] = {"dpvae_overrides": cfg.dpvae_overrides}
+            if task == "anchored":
+                extras.update(
+                    finetune_overrides=cfg.finetune_overrides,
+                    cache=str(cfg.cache_dir),
+                    pair=_unit_name((unit[0], unit[1])),
+                    source=source_in if method in FROM_SOURCE else None,
+                )
             res = run_method(
-                method, ref_in, query_in, task, seed, cfg.timeout, log_path, cfg.threads
+                method,
+                ref_in,
+                query_in,
+                task,
+                seed,
+                cfg.timeout,
+                log_path,
+                cfg.threads,
+                extras=extras,
             )
             if log_path.exists() and log_path.stat().st_size == 0:
                 log_path.unlink()
@@ -775,6 +1116,7 @@ def _runs_for_unit(
                 "seed": seed,
                 "status": res.status,
                 "wall_s": res.wall_s,
+                "reused_s": res.reused_s,
                 "peak_mb": res.peak_mb,
                 "peak_delta_mb": res.peak_delta_mb,
                 "n_ref": ref_in.n_obs,
@@ -784,15 +1126,16 @@ def _runs_for_unit(
             }
             if res.status == "ok" and res.coords is not None:
                 try:
-                    row.update(_score(method, task, res.coords, T, ref_coords))
+                    row.update(_score(method, task, res.coords, T, ref_coords, res.radius))
                 except Exception as exc:
                     row["status"] = f"error: scoring failed: {type(exc).__name__}: {exc}"
                 else:
                     pred_dir = cfg.out / "predictions"
                     pred_dir.mkdir(exist_ok=True)
-                    np.save(
-                        pred_dir / f"{task}__{_slug(name)}__{method}__seed{seed}.npy", res.coords
-                    )
+                    stem = f"{task}__{_slug(name)}__{method}__seed{seed}"
+                    np.save(pred_dir / f"{stem}.npy", res.coords)
+                    if res.radius is not None:
+                        np.save(pred_dir / f"{stem}__radius.npy", res.radius)
                     if seed == plot_seed:
                         plot["pred"][method] = res.coords
                         plot["score"][method] = row["dist_pearson"]
@@ -808,8 +1151,9 @@ def run_benchmark(cfg: BenchmarkConfig, log: Any = print) -> pd.DataFrame:
     cfg.out.mkdir(parents=True, exist_ok=True)
     writer = _CsvWriter(cfg.out / "results.csv")
     all_rows: list[dict[str, Any]] = []
-    units: list[tuple[str, str | tuple[str, str]]] = [("impute", u) for u in cfg.impute_units]
+    units: list[tuple[str, Unit]] = [("impute", u) for u in cfg.impute_units]
     units += [("transfer", p) for p in cfg.transfer_units]
+    units += [("anchored", u) for u in cfg.anchored_units]
     for task, unit in units:
         rows, plot = _runs_for_unit(cfg, task, unit, writer, log)
         all_rows.extend(rows)
@@ -846,7 +1190,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, unit, method): mean and sd (ddof=1) of each score over ok runs.
 
     Columns: task, unit, method, n_ok, n_runs, status, ``{score}_mean``, ``{score}_sd`` for each
-    score, wall_s, peak_mb (means over ok runs).
+    score, wall_s (and its sd wall_sd), reused_s, peak_mb (means over ok runs).
     """
     out = []
     if runs.empty:
@@ -867,9 +1211,11 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{s}_sd"] = (
                 float(vals.std(ddof=1)) if vals.size > 1 else (0.0 if vals.size else float("nan"))
             )
-        for s in ("wall_s", "peak_mb"):
+        for s in ("wall_s", "reused_s", "peak_mb"):
             vals = pd.to_numeric(ok[s], errors="coerce").dropna().to_numpy(dtype=float)
             row[s] = float(vals.mean()) if vals.size else float("nan")
+        wall = pd.to_numeric(ok["wall_s"], errors="coerce").dropna().to_numpy(dtype=float)
+        row["wall_sd"] = float(wall.std(ddof=1)) if wall.size > 1 else 0.0
         row["anchor_dist_pearson"] = ANCHOR_DIST_PEARSON.get((task, unit, method), float("nan"))
         out.append(row)
     return pd.DataFrame(out)
@@ -881,26 +1227,41 @@ def _pm(mean: float, sd: float) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
+def _has(summary: pd.DataFrame, col: str) -> bool:
+    return col in summary and bool(pd.to_numeric(summary[col], errors="coerce").notna().any())
+
+
 def write_markdown(summary: pd.DataFrame, path: Path, cfg: BenchmarkConfig | None = None) -> None:
-    """Write the summary as a Markdown table (one row per task, unit and method)."""
+    """Write the summary as a Markdown table (one row per task, unit and method).
+
+    coverage90 and radius_spearman columns appear when some method reported radii; an anchored
+    run adds the comparison of the fine-tuned ``dpvae`` with the other methods per unit.
+    """
+    radius = [s for s in RADIUS_SCORES if _has(summary, f"{s}_mean")]
+    scores = [s for s in SCORES if s not in RADIUS_SCORES or s in radius]
     lines = [
         "# Spatial reconstruction benchmark",
         "",
         "Protocol: BENCHMARK.md. Scores on query cells, mean ± sd over seeds"
         + (f" {','.join(map(str, cfg.seeds))}" if cfg else "")
         + (f"; {cfg.threads} thread(s) per run" if cfg else "")
-        + "; wall s = fit + predict; peak MB = the run's process peak resident memory during fit +"
-        " predict (inputs included). median_error (impute) and procrustes_rmse (transfer) are in"
-        " cell spacings (lower is better); pca_mds has an arbitrary frame, so no median_error."
-        " anchor = ANCHORS.md's dist_pearson.",
+        + "; wall s = fit + predict (mean ± sd; for anchored dpvae and dpvae_zeroshot it includes"
+        " the training on section A, also when the cached A model was reused); peak MB = the"
+        " run's process peak resident memory during fit + predict (inputs included)."
+        " median_error (impute, anchored) and procrustes_rmse (transfer) are in cell spacings"
+        " (lower is better; anchored: the spacing of all of section B); pca_mds has an arbitrary"
+        " frame, so no median_error. anchor = ANCHORS.md's dist_pearson.",
         "",
-        "| task | unit | method | dist_pearson | dist_spearman | knn10 | median_error |"
-        " procrustes_rmse | wall s | peak MB | runs | anchor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | unit | method | " + " | ".join(scores) + " | wall s | peak MB | runs | anchor |",
+        "|" + "---|" * (len(scores) + 7),
     ]
     for _, r in summary.iterrows():
         runs = r["status"] if r["status"] != "ok" else f"{r['n_ok']}/{r['n_runs']}"
         anchor = r.get("anchor_dist_pearson", float("nan"))
+        wall_sd = r.get("wall_sd", float("nan"))
+        wall = "—" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.1f}"
+        if wall != "—" and not math.isnan(wall_sd) and r["n_ok"] > 1:
+            wall += f" ± {wall_sd:.1f}"
         lines.append(
             "| "
             + " | ".join(
@@ -908,8 +1269,8 @@ def write_markdown(summary: pd.DataFrame, path: Path, cfg: BenchmarkConfig | Non
                     str(r["task"]),
                     str(r["unit"]),
                     str(r["method"]),
-                    *(_pm(r[f"{s}_mean"], r[f"{s}_sd"]) for s in SCORES),
-                    "—" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.1f}",
+                    *(_pm(r[f"{s}_mean"], r[f"{s}_sd"]) for s in scores),
+                    wall,
                     "—" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.0f}",
                     runs.replace("|", "/"),
                     "" if math.isnan(anchor) else f"{anchor:.3f}",
@@ -917,7 +1278,36 @@ def write_markdown(summary: pd.DataFrame, path: Path, cfg: BenchmarkConfig | Non
             )
             + " |"
         )
+    lines += _anchored_comparison(summary)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _anchored_comparison(summary: pd.DataFrame) -> list[str]:
+    """Lines comparing the fine-tuned dpvae with every other method on each anchored unit."""
+    if summary.empty or "anchored" not in set(summary["task"]):
+        return []
+    sub = summary[summary["task"] == "anchored"]
+    out = [
+        "",
+        "## Anchored: fine-tuned dpvae against the others (dist_pearson means)",
+        "",
+        "| unit | dpvae (fine-tuned) | best other | margin | margin over knn_regression |",
+        "|---|---|---|---|---|",
+    ]
+    for unit, grp in sub.groupby("unit", sort=False):
+        score = dict(zip(grp["method"], grp["dist_pearson_mean"]))
+        mine = score.get("dpvae", float("nan"))
+        others = {m: v for m, v in score.items() if m != "dpvae" and not math.isnan(v)}
+        if math.isnan(mine) or not others:
+            continue
+        best = max(others, key=lambda m: others[m])
+        knn = others.get("knn_regression", float("nan"))
+        out.append(
+            f"| {unit} | {mine:.3f} | {best} {others[best]:.3f} | {mine - others[best]:+.3f} | "
+            + ("—" if math.isnan(knn) else f"{mine - knn:+.3f}")
+            + " |"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,7 +1386,7 @@ def plot_unit(plot: dict[str, Any], summary: pd.DataFrame, out_dir: Path) -> Pat
     """True versus predicted query coordinates (one seed) for one unit, as a PNG.
 
     Panels: true coordinates, then the best dpvae variant and knn_regression (other methods when
-    those are missing). Transfer predictions and frame-free methods are shown after the best
+    those are missing); anchored units mark the anchors (x) on every panel. Transfer predictions and frame-free methods are shown after the best
     similarity alignment to the truth. 3-D data are projected on the plane of the true
     coordinates' two principal axes.
     """
@@ -1038,7 +1428,7 @@ def plot_unit(plot: dict[str, Any], summary: pd.DataFrame, out_dir: Path) -> Pat
     axes_2d = np.linalg.svd(T - centre, full_matrices=False)[2][:2].T if T.shape[1] > 2 else None
     for ax, (title, P) in zip(axes, [("truth", T)] + [(m, plot["pred"][m]) for m in panels]):
         note = ""
-        if title != "truth" and (task == "transfer" or title in FRAME_FREE):
+        if title != "truth" and (task == "transfer" or title in FRAME_FREE):  # anchored: B's frame
             P = _align(P, T)
             note = " (aligned)"
         if axes_2d is not None:
@@ -1048,8 +1438,13 @@ def plot_unit(plot: dict[str, Any], summary: pd.DataFrame, out_dir: Path) -> Pat
             ax.scatter(P[:, 0], P[:, 1], c=colours, **kw)
         else:
             mappable = ax.scatter(P[:, 0], P[:, 1], c=colours, cmap="viridis", **kw)
+        anchors = plot.get("anchors")
+        if anchors is not None:  # the anchored task: where the anchors are, on every panel
+            A = (anchors - centre) @ axes_2d if axes_2d is not None else anchors
+            ax.scatter(A[:, 0], A[:, 1], marker="x", c="k", s=max(size, 12.0), linewidths=0.8)
         if title == "truth":
-            ax.set_title(f"true ({T.shape[0]} query cells)", fontsize=10)
+            extra = "" if anchors is None else f"; x: {len(anchors)} anchors"
+            ax.set_title(f"true ({T.shape[0]} query cells{extra})", fontsize=10)
         else:
             here = seed_score.get(title, float("nan"))
             mean = score.get(title, float("nan"))
@@ -1089,9 +1484,10 @@ def plot_unit(plot: dict[str, Any], summary: pd.DataFrame, out_dir: Path) -> Pat
 # --------------------------------------------------------------------------------------------
 
 SUMMARY = """
-Run the spatial-reconstruction protocol of ../shared/BENCHMARK.md: hygiene, impute splits and
-transfer pairs, dp-VAE (through dpvae.api.fit_predict) and the comparators on the same splits, each
-run in its own process with a timeout. Writes OUT/results.csv (one row per run), OUT/results.md
+Run the spatial-reconstruction protocol of ../shared/BENCHMARK.md: hygiene, impute splits,
+transfer pairs and anchored pairs (a few cells of the new section with known positions), dp-VAE
+(through dpvae.api) and the comparators on the same splits, each run in its own process with a
+timeout. Writes OUT/results.csv (one row per run), OUT/results.md
 (mean ± sd over seeds per task, unit and method), OUT/figures/*.png and OUT/predictions/*.npy.
 """
 
@@ -1106,7 +1502,7 @@ def work(cfg: DictConfig) -> int:
     t0 = time.perf_counter()
     print(
         f"benchmark: {len(bench.impute_units)} impute unit(s), {len(bench.transfer_units)} "
-        f"transfer pair(s), methods {','.join(bench.methods)}, seeds "
+        f"transfer pair(s), {len(bench.anchored_units)} anchored unit(s), methods {','.join(bench.methods)}, seeds "
         f"{','.join(map(str, bench.seeds))} -> {bench.out}",
         flush=True,
     )
