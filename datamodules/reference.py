@@ -28,6 +28,7 @@ from dpvae.io import (
     read_h5ad,
     resolve_references,
 )
+from dpvae.neighbours import release_memory
 from dpvae.preprocess import (
     MatrixPart,
     Preprocessor,
@@ -132,8 +133,11 @@ def _spatial_neighbours(coords: np.ndarray, section: np.ndarray, k: int) -> np.n
     out = np.empty((len(coords), k), dtype=np.int32 if len(coords) < 2**31 else np.int64)
     for code in np.flatnonzero(counts):
         mine = np.flatnonzero(section == code)
-        _, nbrs = cKDTree(coords[mine]).query(coords[mine], k=k + 1)
-        out[mine] = mine[nbrs.reshape(len(mine), k + 1)[:, 1:]]
+        tree = cKDTree(coords[mine])
+        for start in range(0, len(mine), 65_536):  # bounded (distance, index) blocks
+            rows = mine[start : start + 65_536]
+            _, nbrs = tree.query(coords[rows], k=k + 1)
+            out[rows] = mine[nbrs.reshape(len(rows), k + 1)[:, 1:]]
     return out
 
 
@@ -442,6 +446,7 @@ class ReferenceDataModule(L.LightningDataModule):
         for s in opened:
             s.close()
         self._finish(opened, raw, coords, section_of, train_idx, val_idx, streaming)
+        release_memory()  # the files' metadata and the passes' blocks, freed but held by malloc
 
     def _finish(
         self,
@@ -464,7 +469,7 @@ class ReferenceDataModule(L.LightningDataModule):
             mine = section_of == code
             std_coords[mine] = pre.coords_to_model(coords[mine], s.name if multi else None)
         cell_names = np.concatenate([s.cell_names for s in opened])
-        if multi and len(set(cell_names.tolist())) < n:
+        if multi and not pd.Index(cell_names).is_unique:
             cell_names = np.concatenate([np.char.add(f"{s.name}:", s.cell_names) for s in opened])
             warnings.warn(
                 "cell names repeat across sections; every cell is named SECTION:NAME",
@@ -578,8 +583,8 @@ class ReferenceDataModule(L.LightningDataModule):
                 raise
             raise DataError(f"section {name}: {exc}") from exc
         cell_names = np.asarray(adata.obs_names).astype(str)
-        if len(set(cell_names.tolist())) < len(cell_names):
-            repeated = len(cell_names) - len(set(cell_names.tolist()))
+        if not adata.obs_names.is_unique:
+            repeated = len(cell_names) - adata.obs_names.nunique()
             cell_names = np.asarray(ad.utils.make_index_unique(pd.Index(cell_names))).astype(str)
             warnings.warn(
                 f"{repeated} reference cell names are repeated{f' in {name}' if multi else ''}; "
@@ -695,8 +700,10 @@ class ReferenceDataModule(L.LightningDataModule):
             return 1 if self.streaming else 0
         return int(self.num_workers)
 
-    def _loader(self, dataset: CellDataset, sampler: Sampler) -> DataLoader:
-        workers = self._workers()
+    def _loader(
+        self, dataset: CellDataset, sampler: Sampler, workers: int | None = None
+    ) -> DataLoader:
+        workers = self._workers() if workers is None else workers
         # workers are not persistent: a fresh iterator every epoch draws the loader's seed from the
         # global generator exactly as the in-process loader does, so the model's random stream
         # (dropout, sampling) and the trained model are the same with any number of workers
@@ -729,4 +736,6 @@ class ReferenceDataModule(L.LightningDataModule):
             return []
         rank, world = self._dist()
         shard = np.array_split(np.arange(len(self.val_set)), world)[rank]
-        return self._loader(self.val_set, FixedBatches(shard, self.batch_size))
+        # in this process: validation is a tenth of the cells, and a worker of its own would sit
+        # beside the training loader's (each a fork holding its own copy-on-write pages)
+        return self._loader(self.val_set, FixedBatches(shard, self.batch_size), workers=0)

@@ -393,7 +393,9 @@ def fit_frame(
             raise DataError(f"section {sections[s]!r} has no training cells; it is too small")
         centers[s] = mine.mean(axis=0)
         if len(mine) > 1:
-            nn_dist.append(cKDTree(mine).query(mine, k=2)[0][:, 1])
+            tree = cKDTree(mine)
+            for start in range(0, len(mine), 65_536):  # bounded (distance, index) blocks
+                nn_dist.append(tree.query(mine[start : start + 65_536], k=2)[0][:, 1])
     spread = float(np.sqrt(np.mean((train_coords - centers[train_codes]) ** 2)))
     if not spread > 0:
         raise DataError("all reference cells sit at the same position; coordinates are needed")

@@ -352,3 +352,110 @@ def test_identity_units_and_their_errors(tmp_path: Path) -> None:
         identity._unit("osmfish")
     assert identity.main(["units=osmfish:impute", f"out={tmp_path / 'x.npz'}"]) == 2
     assert not (tmp_path / "x.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the synthetic reference and the scale benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_synthetic_reference_has_its_shape_density_counts_and_spatial_structure(
+    tmp_path: Path, dense: bool
+) -> None:
+    from scipy.spatial import cKDTree
+
+    from benchmarks import synthetic
+
+    out = tmp_path / "synth.h5ad"
+    args = [f"out={out}", "n_cells=3000", "n_genes=300", "density=0.1", "sections=2", "seed=3"]
+    assert synthetic.main([*args, f"dense={str(dense).lower()}"]) == 0
+    paths = [tmp_path / "synth_s0.h5ad", tmp_path / "synth_s1.h5ad"]
+    assert sorted(tmp_path.iterdir()) == paths  # no temporaries left behind
+    s0, s1 = (ad.read_h5ad(p) for p in paths)
+    for a in (s0, s1):
+        assert a.shape == (3000, 300) and a.obsm["spatial"].shape == (3000, 2)
+        assert sp.issparse(a.X) != dense
+        X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+        assert abs((X > 0).mean() - 0.1) < 0.015
+        assert np.array_equal(X, np.round(X)) and X.min() == 0 and X.max() > 3
+        assert (X.sum(1) > 0).all() and a.obs_names.is_unique
+    assert list(s0.var_names) == list(s1.var_names) and s0.obs_names[0] == "s0_c0"
+    # expression depends on position: kNN in expression space places held-out cells far better
+    # than chance (the mean distance between two random cells is ~0.52 of the side)
+    side = s0.uns["synthetic"]["side"]
+    logx = np.log1p(s0.X.toarray() if sp.issparse(s0.X) else s0.X)
+    logx -= logx.mean(0)
+    pcs = logx @ np.linalg.svd(logx, full_matrices=False)[2][:20].T
+    xy = s0.obsm["spatial"]
+    _, nn = cKDTree(pcs[:2500]).query(pcs[2500:], 10)
+    error = np.linalg.norm(xy[:2500][nn].mean(1) - xy[2500:], axis=1)
+    assert np.median(error) < 0.2 * side
+    # section 1 is the same tissue in another frame: undoing its rotation and shift puts it back
+    info = s1.uns["synthetic"]
+    assert info["angle"] != 0 and s0.uns["synthetic"]["angle"] == 0
+    c, s = np.cos(info["angle"]), np.sin(info["angle"])
+    back = (s1.obsm["spatial"] - side / 2 - info["shift"]) @ np.array([[c, -s], [s, c]]) + side / 2
+    assert back.min() > -1e-6 and back.max() < side + 1e-6
+    assert not (s1.obsm["spatial"].min() > -1e-6 and s1.obsm["spatial"].max() < side + 1e-6)
+    assert synthetic.main([f"out={tmp_path / 'x.txt'}"]) == 2
+
+
+@pytest.mark.parametrize("module", ["benchmarks.synthetic", "benchmarks.scale"])
+def test_scale_commands_help_without_importing_torch_or_anndata(module: str) -> None:
+    code = (
+        f"import sys; from {module} import main; rc = main(['--help']); "
+        "heavy = [m for m in ('torch', 'anndata', 'h5py') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(rc)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    keys = ("out=???", "n_cells=", "density=0.1", "sections=1", "dense=false")
+    if module.endswith("scale"):
+        keys = ("cells=[100000,250000,1000000]", "modes=[memory,streaming]", "max_rss_gb=12.0")
+    for key in keys:
+        assert key in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["modes=disk"], "unknown mode 'disk'"),
+        (["cells=10"], "cells must be"),
+        (["epochs=0"], "epochs"),
+    ],
+)
+def test_scale_checks_its_values(tmp_path: Path, args: list[str], needle: str, capsys) -> None:
+    from benchmarks import scale
+
+    assert scale.main([*args, f"out={tmp_path / 'o'}", f"data_dir={tmp_path / 'd'}"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_scale_run_writes_json_table_and_figure_with_every_stage(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks import scale
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    args = ["cells=2000", "modes=streaming", "epochs=1", f"out={out}", f"data_dir={data}"]
+    assert scale.main([*args, "n_genes=200", "train_args=[data.batch_size=128]"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["machine"]["cpu_count"] >= 1 and doc["config"]["cells"] == [2000]
+    (run,) = doc["runs"]
+    assert run["status"] == "ok" and run["mode"] == "streaming" and run["cells"] == 2000
+    assert set(scale.STAGES) <= set(run["stages"])
+    for stage in scale.STAGES:
+        assert run["stages"][stage]["seconds"] >= 0 and run["stages"][stage]["peak_mb"] > 0
+    assert run["cells_per_s"] > 0 and run["train_cells"] + run["val_cells"] == 2000
+    assert run["torch_threads"] == 1 and "dist_pearson" in run["scores"]
+    md = (out / "results.md").read_text()
+    assert "| 2,000 | streaming |" in md and "predict 1M query" in md and "Machine:" in md
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in data.iterdir()) == [
+        "synth_2000x200_d0.1_seed0_query.h5ad",
+        "synth_2000x200_d0.1_seed0_ref.h5ad",
+    ]
