@@ -795,7 +795,8 @@ def work(cfg: DictConfig) -> int:
         if settings.get("figure"):
             dest = Path(settings["figure"])
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, dest)
+            if dest.resolve() != Path(png).resolve():
+                shutil.copyfile(png, dest)
 
     if settings["report_only"]:  # redraw the table and figure of an earlier run
         doc = json.loads((out / "results.json").read_text())
