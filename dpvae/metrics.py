@@ -543,6 +543,34 @@ class LatentDistortion(_IndexedRows):
 
 
 #: scores measured in cell spacings (the reference's median nearest-neighbour distance)
+def radius_scores(P: np.ndarray, T: np.ndarray, radius: np.ndarray) -> dict[str, float]:
+    """``coverage90``: the fraction of cells with ``||P_i - T_i|| <= r_i``; ``radius_spearman``:
+    Spearman correlation of ``r_i`` and ``||P_i - T_i||`` (NaN when either is constant).
+
+    A NaN radius is a cell the method makes no claim for: it counts as not covered and is left
+    out of the correlation.
+
+    Raises:
+        ValueError: a radius per cell is missing, negative or infinite, or every radius is NaN.
+    """
+    from scipy.stats import spearmanr
+
+    r = np.asarray(radius, dtype=np.float64)
+    if r.shape != (P.shape[0],):
+        raise ValueError(f"radius has shape {r.shape}, expected ({P.shape[0]},)")
+    known = ~np.isnan(r)
+    if not known.any() or np.isinf(r).any() or (r[known] < 0).any():
+        raise ValueError("radius must be non-negative and finite (NaN: no claim), not all NaN")
+    err = np.linalg.norm(P - T, axis=1)
+    covered = known & (err <= np.where(known, r, 0.0))
+    rk, ek = r[known], err[known]
+    if rk.size < 2 or np.ptp(rk) == 0 or np.ptp(ek) == 0:
+        rho = float("nan")
+    else:
+        rho = float(spearmanr(rk, ek).statistic)
+    return {"coverage90": float(np.mean(covered)), "radius_spearman": rho}
+
+
 IN_CELL_SPACINGS = ("median_error", "procrustes_rmse")
 
 

@@ -759,7 +759,7 @@ def predict(
     coordinates under ``obsm[spatial_key]`` the benchmark's scores are added to ``info['scores']``
     (impute scores, or the rotation-invariant transfer scores for reconstruct).
     """
-    from dpvae.metrics import score_coordinates
+    from dpvae.metrics import radius_scores, score_coordinates
     from dpvae.solver import reconstruct
 
     check_options(mode, k, n_iter, expression_weight)
@@ -881,15 +881,6 @@ def predict(
             task = "impute" if mode == "impute" else "transfer"
             nn = pre.ref_nn_distance if task == "impute" else None
             info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)
-    if radius is not None and "scores" in info and spatial_key in query.obsm:
-        from scipy.stats import spearmanr
-
-        from dpvae.io import get_coordinates
-
-        truth = get_coordinates(query, spatial_key)
-        ok = np.all(np.isfinite(truth), axis=1) & np.isfinite(radius)
-        if ok.sum() >= 3:
-            error = np.linalg.norm(coords[ok] - truth[ok], axis=1)
-            info["scores"]["coverage90"] = float(np.mean(error <= radius[ok]))
-            info["scores"]["radius_spearman"] = float(spearmanr(radius[ok], error)[0])
+            if radius is not None:
+                info["scores"].update(radius_scores(coords[finite], truth[finite], radius[finite]))
     return Prediction(coords, latent, info, radius)
