@@ -144,23 +144,8 @@ class Model:
         returned model's reference cells are the anchors, so :meth:`predict` places the rest of
         that section in the anchors' frame.
         """
-        from dpvae import pipeline
-        from dpvae.config import load_config, to_plain
-        from dpvae.placement import embed_reference
-
-        head = ["logger=none", "init_from=<model in memory>"]
-        head.append(
-            f"data.reference={anchors}"
-            if isinstance(anchors, str | Path)
-            else "data.reference=<AnnData in memory>"
-        )
-        cfg = load_config([*head, *overrides])
-        with _quiet_lightning(bool(cfg.get("verbose", False))):
-            done = pipeline.train(
-                cfg, reference=_as_reference(anchors), init=copy.deepcopy(self.module)
-            )
-        module = done.model.cpu().eval()
-        return Model(module, embed_reference(module, done.data), to_plain(cfg))
+        head = ["init_from=<model in memory>"]
+        return _train(anchors, head, overrides, init=copy.deepcopy(self.module))
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a run folder: ``model.ckpt``, ``embedding.h5ad`` and ``config.yaml`` (if known).
@@ -253,13 +238,21 @@ def fit(
     ``"model.likelihood=nb"``); ``spatial_key`` and ``layer`` say where the coordinates and the
     expression are. Nothing is written: no logger, no checkpoint (save with :meth:`Model.save`).
     """
+    head = [f"data.spatial_key={spatial_key}"]
+    if layer is not None:
+        head.append(f"data.layer={layer}")
+    return _train(reference, head, overrides)
+
+
+def _train(reference: Any, head: list[str], overrides: Sequence[str], init: Any = None) -> Model:
+    """Train in memory (no logger, no files) on ``reference`` with ``head`` then ``overrides``
+    composed onto the defaults; ``init``: a model to fine-tune. The one path of :func:`fit` and
+    :meth:`Model.fine_tune`."""
     from dpvae import pipeline
     from dpvae.config import load_config, to_plain
     from dpvae.placement import embed_reference
 
-    head = ["logger=none", f"data.spatial_key={spatial_key}"]
-    if layer is not None:
-        head.append(f"data.layer={layer}")
+    head = ["logger=none", *head]
     if isinstance(reference, str | Path):
         head.append(f"data.reference={reference}")
     elif _as_reference(reference) is None:  # a list of paths
@@ -268,7 +261,7 @@ def fit(
         head.append("data.reference=<AnnData in memory>")
     cfg = load_config([*head, *overrides])
     with _quiet_lightning(bool(cfg.get("verbose", False))):
-        done = pipeline.train(cfg, reference=_as_reference(reference))
+        done = pipeline.train(cfg, reference=_as_reference(reference), init=init)
     module = done.model.cpu().eval()
     return Model(module, embed_reference(module, done.data), to_plain(cfg))
 
