@@ -376,23 +376,14 @@ class ReferenceDataModule(L.LightningDataModule):
         for s in opened:
             position = {str(g): i for i, g in enumerate(s.var_names)}
             cols = np.array([position[g] for g in genes], dtype=np.int64)
-            mask = np.zeros(len(s.var_names), dtype=bool)
-            mask[cols] = True
-            stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
-            totals = np.asarray(stats["totals"])
-            nonzero = totals > 0
-            s.rows, s.coords, s.cell_names = (
-                s.rows[nonzero],
-                s.coords[nonzero],
-                s.cell_names[nonzero],
-            )
+            totals, stats = self._keep_expressed(s, cols)
             if len(s.rows) < self.min_cells:
                 where = f"section {s.name} has" if multi else "there are"
                 raise DataError(
                     f"{where} only {len(s.rows)} usable cells (non-zero expression, finite "
                     f"coordinates); dpvae needs at least {self.min_cells}"
                 )
-            parts.append(MatrixPart(s.matrix, s.rows, cols, totals[nonzero]))
+            parts.append(MatrixPart(s.matrix, s.rows, cols, totals))
             is_integer = is_integer and bool(stats["is_integer"])
             minimum = min(minimum, float(stats["minimum"]))
         count_data = is_integer and minimum >= 0
@@ -519,15 +510,7 @@ class ReferenceDataModule(L.LightningDataModule):
                 len(genes) - len(present), len(genes), where, self.allow_missing_genes
             )
             cols = np.array([position[genes[i]] for i in present], dtype=np.int64)
-            mask = np.zeros(len(s.var_names), dtype=bool)
-            mask[cols] = True
-            stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
-            nonzero = np.asarray(stats["totals"]) > 0
-            s.rows, s.coords, s.cell_names = (
-                s.rows[nonzero],
-                s.coords[nonzero],
-                s.cell_names[nonzero],
-            )
+            _, stats = self._keep_expressed(s, cols)
             if len(s.rows) < self.min_cells:
                 raise DataError(
                     f"{where} has only {len(s.rows)} usable cells (non-zero expression over the "
@@ -618,6 +601,18 @@ class ReferenceDataModule(L.LightningDataModule):
             cell_names=cell_names[rows],
             owned=not isinstance(source, ad.AnnData),
         )
+
+    def _keep_expressed(self, s: _Opened, cols: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """One pass over ``s``'s usable rows and the file columns ``cols``: drop the cells with
+        no expression there (in place); returns the kept cells' totals and the pass's statistics
+        (:func:`dpvae.preprocess.scan_matrix`)."""
+        mask = np.zeros(len(s.var_names), dtype=bool)
+        mask[cols] = True
+        stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
+        totals = np.asarray(stats["totals"])
+        nonzero = totals > 0
+        s.rows, s.coords, s.cell_names = s.rows[nonzero], s.coords[nonzero], s.cell_names[nonzero]
+        return totals[nonzero], stats
 
     def _check_counts(self, is_integer: bool, minimum: float) -> None:
         if not self.require_counts:
