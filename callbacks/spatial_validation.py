@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,21 @@ from dpvae.contracts import ReferenceData
 from dpvae.errors import require_at_least
 from dpvae.metrics import LatentDistortion, SpatialScores
 from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
+
+
+@dataclass
+class _Group:
+    """One section's (or the whole reference's) cells a validation places: sampled training
+    cells as the reference and sampled validation cells as the query (original coordinates)."""
+
+    key: str | None
+    ref_raw: Any
+    ref_rows: np.ndarray
+    ref_coords: np.ndarray
+    val_raw: Any
+    val_rows: np.ndarray
+    val_coords: np.ndarray
+    val_index: np.ndarray
 
 
 class SpatialValidation(L.Callback):
@@ -75,6 +91,8 @@ class SpatialValidation(L.Callback):
         self.max_query = max_query
         # (scores, distortion) metrics of the whole reference (key None) or of each section
         self._groups: dict[str | None, tuple[SpatialScores, LatentDistortion]] = {}
+        # the cells each validation places (the same seeded subsample every time), taken once
+        self._plan: list[_Group] | None = None
         #: (epoch, scores) of the latest validation it scored (read by the Report callback)
         self.latest: tuple[int, dict[str, float]] | None = None
 
@@ -94,6 +112,54 @@ class SpatialValidation(L.Callback):
         if watched & {f"val/{m}" for m in self.METRICS}:
             self.every_n_epochs = 1
         self._groups.clear()
+        self._plan = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the first epoch: the per-cell copies ``cells()`` makes (a million cells: tens of
+        # MB) are gone by the time validation's own memory peaks
+        dm = trainer.datamodule  # type: ignore[attr-defined]
+        if isinstance(dm, ReferenceData):
+            self._plan = self._make_plan(dm)
+
+    def _make_plan(self, dm: ReferenceData) -> list[_Group]:
+        """The groups (sections) validation scores: each one's sampled reference and query cells."""
+        val = dm.cells("val")
+        if len(val) == 0:
+            return []
+        train = dm.cells("train")
+        rng = np.random.default_rng(self.seed)
+        groups: list[tuple[str | None, np.ndarray, np.ndarray]] = []
+        if val.section is None or train.section is None:
+            groups.append((None, np.arange(len(train)), np.arange(len(val))))
+        else:  # sections are unrelated frames: each is placed and scored on its own
+            for name in val.sections:
+                groups.append(
+                    (
+                        name,
+                        np.flatnonzero(train.section == name),
+                        np.flatnonzero(val.section == name),
+                    )
+                )
+        share = len(groups)
+        plan = []
+        for key, ref_rows, val_rows in groups:
+            if len(ref_rows) > self.max_reference // share:
+                ref_rows = np.sort(rng.choice(ref_rows, self.max_reference // share, replace=False))
+            if len(val_rows) > self.max_query // share:
+                val_rows = np.sort(rng.choice(val_rows, self.max_query // share, replace=False))
+            plan.append(
+                _Group(
+                    key=key,
+                    ref_raw=train.raw,
+                    ref_rows=ref_rows,
+                    ref_coords=np.asarray(train.coords[ref_rows]),
+                    val_raw=val.raw,
+                    val_rows=val_rows,
+                    val_coords=np.asarray(val.coords[val_rows]),
+                    val_index=np.asarray(val.index[val_rows]),
+                )
+            )
+        return plan
 
     def _due(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking:
@@ -115,33 +181,15 @@ class SpatialValidation(L.Callback):
         dm = trainer.datamodule  # type: ignore[attr-defined]
         if not self._due(trainer) or not isinstance(dm, ReferenceData):
             return
-        val = dm.cells("val")
-        if len(val) == 0:
+        if self._plan is None:  # validation outside fit (trainer.validate)
+            self._plan = self._make_plan(dm)
+        if not self._plan:
             return
-        train = dm.cells("train")
         pre = dm.preprocessor
-        rng = np.random.default_rng(self.seed)
-        groups: list[tuple[str | None, np.ndarray, np.ndarray]] = []
-        if val.section is None or train.section is None:
-            groups.append((None, np.arange(len(train)), np.arange(len(val))))
-        else:  # sections are unrelated frames: each is placed and scored on its own
-            for name in val.sections:
-                groups.append(
-                    (
-                        name,
-                        np.flatnonzero(train.section == name),
-                        np.flatnonzero(val.section == name),
-                    )
-                )
-        share = len(groups)
         results = []
-        for key, ref_rows, val_rows in groups:
-            if len(ref_rows) > self.max_reference // share:
-                ref_rows = np.sort(rng.choice(ref_rows, self.max_reference // share, replace=False))
-            if len(val_rows) > self.max_query // share:
-                val_rows = np.sort(rng.choice(val_rows, self.max_query // share, replace=False))
-            values = self._score(trainer, pl_module, pre, key, train, ref_rows, val, val_rows)
-            results.append((len(val_rows), values))
+        for group in self._plan:
+            values = self._score(trainer, pl_module, pre, group)
+            results.append((len(group.val_rows), values))
         total = sum(n for n, _ in results)
         values = results[0][1]
         if len(results) > 1:
@@ -155,37 +203,35 @@ class SpatialValidation(L.Callback):
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         pre: Any,
-        key: str | None,
-        train: Any,
-        ref_rows: np.ndarray,
-        val: Any,
-        val_rows: np.ndarray,
+        group: _Group,
     ) -> dict[str, float]:
-        """Place one section's validation cells (``val_rows``) against its training cells."""
+        """Place one section's sampled validation cells against its sampled training cells."""
+        key = group.key
         scores, distortion = self._metrics(key, pre)
         device = pl_module.device
         scores.to(device)
         distortion.to(device)
         embed: Any = pl_module.embed
-        ref_latent, ref_pcs = embed(train.raw[ref_rows], with_pcs=True)
+        ref_latent, ref_pcs = embed(group.ref_raw[group.ref_rows], with_pcs=True)
         ref_latent = torch.as_tensor(ref_latent, device=device)
         ref_coords = torch.as_tensor(
-            pre.coords_to_model(train.coords[ref_rows], key), dtype=torch.float32, device=device
+            pre.coords_to_model(group.ref_coords, key), dtype=torch.float32, device=device
         )
-        shard = np.array_split(np.arange(len(val_rows)), trainer.world_size)[trainer.global_rank]
+        n_val = len(group.val_rows)
+        shard = np.array_split(np.arange(n_val), trainer.world_size)[trainer.global_rank]
         # every rank embeds all validation cells (same weights, same result): their spread
         # calibrates the training cells' codes as prediction does (calibrate_in_sample)
-        val_latent, val_pcs = embed(val.raw[val_rows], with_pcs=True)
+        val_latent, val_pcs = embed(group.val_raw[group.val_rows], with_pcs=True)
         both = torch.cat([ref_latent, torch.as_tensor(val_latent, device=device)])
         in_sample = torch.arange(len(both), device=device) < len(ref_latent)
         ref_latent = calibrate_in_sample(both, in_sample)[0][: len(ref_latent)]
         latent = torch.as_tensor(val_latent[shard], device=device)
         coords = torch.as_tensor(
-            pre.coords_to_model(val.coords[val_rows[shard]], key),
+            pre.coords_to_model(group.val_coords[shard], key),
             dtype=torch.float32,
             device=device,
         )
-        index = torch.as_tensor(val.index[val_rows[shard]], dtype=torch.int64, device=device)
+        index = torch.as_tensor(group.val_index[shard], dtype=torch.int64, device=device)
         if len(shard):
             pred = place(
                 latent,

@@ -454,7 +454,6 @@ class ReferenceDataModule(L.LightningDataModule):
         pre = self._preprocessor
         multi = len(opened) > 1
         names = [s.name for s in opened]
-        n = len(coords)
         std_coords = np.empty_like(coords)
         for code, s in enumerate(opened):
             mine = section_of == code
@@ -473,7 +472,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self._names = cell_names
         self._section_of = section_of if multi else None
         self._sections = tuple(names) if multi else ()
-        self._split = {"train": train_idx, "val": val_idx, "all": np.arange(n)}
+        self._split = {"train": train_idx, "val": val_idx}
         sec = None if not multi else section_of
         self.train_set = CellDataset(
             raw, std_coords[train_idx], train_idx, train_idx, _take(sec, train_idx)
@@ -664,13 +663,24 @@ class ReferenceDataModule(L.LightningDataModule):
         ``raw`` reads the cells' expression when sliced (from memory or from disk) and holds no
         copy of its own.
         """
+        if split == "all":  # views, no copies
+            section = None
+            if self._section_of is not None:
+                section = np.asarray(self._sections, dtype=object)[self._section_of]
+            return Cells(
+                raw=self._raw,
+                coords=self._coords,
+                index=np.arange(len(self._coords)),
+                names=self._names,
+                section=section,
+                sections=self._sections,
+            )
         rows = self._split[split]
-        raw = self._raw if split == "all" else RowSubset(self._raw, rows)
         section = None
         if self._section_of is not None:
             section = np.asarray(self._sections, dtype=object)[self._section_of[rows]]
         return Cells(
-            raw=raw,
+            raw=RowSubset(self._raw, rows),
             coords=self._coords[rows],
             index=rows,
             names=self._names[rows],

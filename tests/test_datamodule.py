@@ -258,3 +258,45 @@ def test_training_batches_carry_the_pair_set_and_validation_all_pairs(tmp_path: 
     for bad in ({"near_weight": 1.0}, {"near_weight": 0.0}, {"far_pairs": -1}):
         with pytest.raises(ConfigError, match="near_weight|far_pairs"):
             ReferenceDataModule(**bad)  # type: ignore[arg-type]
+
+
+def test_all_cells_are_views_and_the_fingerprint_is_the_joined_names_digest() -> None:
+    """cells("all") copies nothing per cell (a million-cell reference holds it once), and the
+    run fingerprint, hashed a block of names at a time, is the digest of all names joined (runs
+    written before keep resuming)."""
+    import hashlib
+    import json
+
+    from dpvae.run_folder import fingerprint
+
+    dm = ReferenceDataModule(reference="osmfish")
+    dm.setup("fit")
+    cells = dm.cells("all")
+    assert np.shares_memory(cells.coords, dm.cells("all").coords)
+    assert np.shares_memory(cells.names, dm.cells("all").names)
+    assert len(cells) == len(dm.cells("train")) + len(dm.cells("val"))
+    h = hashlib.sha1()
+    h.update(json.dumps(dm.preprocessor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(cells.coords, dtype=np.float64).tobytes())
+    h.update("\0".join(map(str, cells.names)).encode())
+    assert fingerprint(dm) == h.hexdigest()
+    # across the block boundary: more names than one block
+    import dpvae.run_folder as run_folder
+
+    class Many:
+        preprocessor = dm.preprocessor
+
+        def cells(self, split: str) -> object:
+            return type(cells)(
+                raw=None,
+                coords=np.zeros((70_000, 2)),
+                index=np.arange(70_000),
+                names=np.array([f"c{i}" for i in range(70_000)]),
+            )
+
+    many = Many().cells("all")
+    h = hashlib.sha1()
+    h.update(json.dumps(dm.preprocessor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.zeros((70_000, 2)).tobytes())
+    h.update("\0".join(many.names).encode())  # type: ignore[attr-defined]
+    assert run_folder.fingerprint(Many()) == h.hexdigest()
