@@ -604,9 +604,14 @@ def _method_callable(method: str) -> Any:
                 return _dpvae_anchored(method, ref, query, seed, ctx)
             from dpvae.api import fit_predict
 
-            return fit_predict(
-                ref, query, task=task, seed=seed, overrides=ctx.get("dpvae_overrides", ())
+            overrides = ctx.get("dpvae_overrides", ())
+            if task != "impute":  # a transfer's radius is not scored (another frame)
+                return fit_predict(ref, query, task=task, seed=seed, overrides=overrides)
+            # with the 90% radius, scored as coverage and radius-error correlation (issue 11)
+            coords, radius = fit_predict(
+                ref, query, task=task, seed=seed, overrides=overrides, radius=True
             )
+            return coords if not np.isfinite(radius).any() else (coords, radius)
 
         return run_dpvae
     from benchmarks.comparators import COMPARATORS

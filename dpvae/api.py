@@ -299,13 +299,18 @@ def fit_predict(
     task: str = "impute",
     seed: int = 0,
     overrides: Sequence[str] = (),
-) -> np.ndarray:
+    radius: bool = False,
+) -> Any:
     """Train on ``reference`` and return the query cells' coordinates in the reference's frame.
 
     The path behind every number of BENCHMARKS.md. For ``transfer`` (the query is another section)
-    the query's codes are first centred on the reference's (``align_query``).
+    the query's codes are first centred on the reference's (``align_query``). With ``radius``,
+    returns ``(coordinates, radius)``: each cell's calibrated 90% radius as
+    :meth:`Model.predict_with_radius` gives it.
     """
     if task not in ("impute", "transfer"):
         raise ValueError(f"task must be 'impute' or 'transfer', got {task!r}")
     model = fit(reference, f"seed={seed}", *overrides)
+    if radius:
+        return model.predict_with_radius(query, align_query=task == "transfer")
     return model.predict(query, align_query=task == "transfer")

@@ -157,6 +157,17 @@ def command(
     return main
 
 
+def say_started(what: str) -> None:
+    """The command's first line (stdout, at once, before the heavy imports): what it is doing.
+
+    Once per job: under DDP only rank zero says it. Diagnostics and errors go to stderr.
+    """
+    import os
+
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":
+        print(f"dpvae: {what}", flush=True)
+
+
 # ---------------------------------------------------------------------------------- train
 TRAIN_SUMMARY = """
 Train a dp-VAE on a reference section (.h5ad with coordinates in obsm['spatial']); with no
@@ -173,7 +184,15 @@ def train_work(cfg: DictConfig) -> int:
     """
     import warnings
 
-    from omegaconf import OmegaConf
+    require(
+        cfg.embedding.batch_size >= 1,
+        f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
+    )
+    reference = cfg.data.reference
+    if not isinstance(reference, str):
+        reference = ", ".join(str(r) for r in reference)
+    say_started(f"training on {reference} -> {cfg.run_dir}")
+    from omegaconf import OmegaConf  # torch, Lightning and anndata: after the first line
 
     from dpvae import pipeline
     from dpvae.config import to_plain
@@ -195,10 +214,6 @@ def train_work(cfg: DictConfig) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     plain = to_plain(cfg)
-    require(
-        cfg.embedding.batch_size >= 1,
-        f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
-    )
     from lightning.pytorch.utilities import rank_zero_only
 
     lock = RunLock(run_dir)
@@ -298,8 +313,7 @@ coordinates. The query file is never modified.
 
 
 def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
-    from dpvae.errors import ConfigError
-    from dpvae.placement import check_options
+    from dpvae.errors import ConfigError, check_options
 
     query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
     if output.resolve() == query.resolve():
@@ -325,11 +339,12 @@ def predict_work(cfg: DictConfig) -> int:
     """Predict from a composed ``predict.yaml`` configuration."""
     import warnings
 
-    from dpvae.api import load
+    query_path, output = _check_predict(cfg)
+    say_started(f"placing {query_path} with {cfg.checkpoint} -> {output}")
+    from dpvae.api import load  # torch, Lightning and anndata: after the first line
     from dpvae.errors import DataError, DPVAEWarning
     from dpvae.io import read_h5ad, resolve_path, write_h5ad_atomic
 
-    query_path, output = _check_predict(cfg)
     model = load(cfg.checkpoint)
     query = read_h5ad(query_path, backed="auto", backed_threshold_mb=STREAM_QUERY_MB)
     stream = bool(query.isbacked)

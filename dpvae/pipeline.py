@@ -187,7 +187,7 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
     from dpvae.callbacks import SpatialValidation
 
     has_val = len(data.cells("val")) > 0
-    logged = {f"train/{t}{s}" for t in TERMS for s in ("", "_step", "_epoch")}
+    logged = {f"train/{t}{s}" for t in TERMS for s in ("_step", "_epoch")}
     if has_val:
         logged |= {f"val/{t}" for t in TERMS}
         if any(isinstance(cb, SpatialValidation) for cb in callbacks):

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpvae.errors import DataError, DPVAEWarning
+from dpvae.errors import MODES as MODES  # re-exported: prediction's modes
+from dpvae.errors import DataError, DPVAEWarning, check_options
 from dpvae.io import check_missing_genes
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ EMBEDDING_FILE = "embedding.h5ad"
 EMBEDDING_FORMAT = "dpvae.embedding/1"
 #: ``obsm`` key of the reference's expression principal components in an embedding file.
 EXPR_PCS = "X_expr_pcs"
-MODES = ("impute", "reconstruct")
 
 
 # ------------------------------------------------------------------------------ the rules
@@ -650,22 +650,6 @@ def resolve_reference(
         genes=model.genes,
         scale=model.scale_value(),
     )
-
-
-def check_options(mode: str, k: int, n_iter: int, expression_weight: float) -> None:
-    """The placement options' rules (one line each), checked before any work."""
-    from dpvae.errors import ConfigError
-
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
-    from numbers import Integral, Real
-
-    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, Integral) or n_iter < 0:
-        raise ConfigError(f"n_iter must be an integer, 0 or more, got {n_iter!r}")
-    if not isinstance(expression_weight, Real) or not expression_weight >= 0:
-        raise ConfigError(f"expression_weight must be 0 or more, got {expression_weight!r}")
 
 
 @dataclass

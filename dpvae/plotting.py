@@ -204,7 +204,7 @@ def plot_training(history: Sequence[dict[str, float]], path: str | Path, warmup:
             ax.axvline(warmup + 0.5, color="grey", ls=":", lw=1)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):  # not the warm-up's
             ax.legend(fontsize=7, frameon=False)
     for ax in axes[1]:
         ax.set_xlabel("epoch")

@@ -115,3 +115,35 @@ def test_help_imports_no_torch(command: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: " in proc.stdout and "[KEY=VALUE ...]" in proc.stdout
     assert ("k=8" if "predict" in command else "trainer.max_epochs=60") in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_the_first_line_comes_before_torch(command: str, tmp_path: Path) -> None:
+    """Every command says what it is doing (its first stdout line) before it imports torch,
+    Lightning or anndata: a user sees work start within the interpreter's own start-up."""
+    argv = (
+        [f"run_dir={tmp_path / 'run'}", "logger=none"]
+        if command == "train"
+        else [
+            f"checkpoint={tmp_path / 'm.ckpt'}",
+            f"query={tmp_path / 'q.h5ad'}",
+            f"output={tmp_path / 'o.h5ad'}",
+        ]
+    )
+    code = (
+        "import sys\n"
+        "import dpvae.cli as cli\n"
+        "def first(what):\n"
+        "    heavy = [m for m in ('torch', 'lightning', 'anndata', 'wandb') if m in sys.modules]\n"
+        "    print('FIRST', what, heavy)\n"
+        "    raise SystemExit(0)\n"
+        "cli.say_started = first\n"
+        f"sys.exit(cli.{command}_main({argv!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[0]
+    what = "training on osmfish" if command == "train" else "placing"
+    assert line.startswith(f"FIRST {what}") and line.endswith("[]"), line

@@ -195,3 +195,30 @@ def test_batch_pair_set_and_the_scale_that_minimises_the_weighted_gap() -> None:
     assert cost(float(lam)) <= min(cost(x) for x in grid) + 1e-6
     v = torch.tensor([4.0, 1.0, 3.0, 2.0])
     assert weighted_median(v, torch.ones(4)) == torch.median(v)
+
+
+def test_pair_distances_are_the_explicit_formula_in_value_and_gradient() -> None:
+    """pdist read at the pairs' condensed positions: the same distances and gradients as
+    gathering the pairs' rows, for pairs in either order and with repeated pairs."""
+    from dpvae.regularizers.base import pair_distances
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = torch.rand(40, 2, generator=gen, dtype=torch.float64)
+    i = torch.randint(0, 40, (300,), generator=gen)
+    j = (i + torch.randint(1, 40, (300,), generator=gen)) % 40  # distinct from i, any order
+    pairs = torch.stack([i, j])
+    dz, d = pair_distances(z, coords, pairs)
+    w = torch.rand(300, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((w * dz).sum(), z)
+    z2 = z.detach().clone().requires_grad_()
+    dz2 = torch.sqrt(((z2[i] - z2[j]) ** 2).sum(-1) + 1e-10)
+    d2 = torch.linalg.vector_norm(coords[i] - coords[j], dim=-1)
+    (grad2,) = torch.autograd.grad((w * dz2).sum(), z2)
+    torch.testing.assert_close(dz, dz2)
+    torch.testing.assert_close(d, d2)
+    torch.testing.assert_close(grad, grad2)
+    # all in-batch pairs of batch_pairs are pdist's own order
+    everything = batch_pairs(coords)
+    assert everything.shape[1] == 40 * 39 // 2
+    torch.testing.assert_close(pair_distances(z, coords, everything)[1], torch.pdist(coords))

@@ -225,3 +225,59 @@ def test_a_callback_set_to_null_is_dropped(osmfish_small: Path, tmp_path: Path) 
     assert (run_dir / "model.ckpt").exists() and not (run_dir / "training.png").exists()
     ckpt = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
     assert not any("SpatialValidation" in k or "Report" in k for k in ckpt["callbacks"])
+
+
+class LossSpy(L.Callback):
+    """Every step's loss and batch size, and each epoch's logged train/loss_epoch beside their
+    weighted mean (test_logged_terms_are_the_epoch_means_and_the_logger_steps)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, int]] = []
+        self.epochs: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.steps.append((float(outputs["loss"]), int(batch["raw"].shape[0])))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        losses, sizes = np.array(self.steps).T
+        logged = float(trainer.callback_metrics["train/loss_epoch"])
+        self.epochs.append((logged, float(np.average(losses, weights=sizes))))
+        self.steps.clear()
+
+
+def test_logged_terms_are_the_epoch_means_and_the_logger_steps(
+    osmfish_small: Path, tmp_path: Path
+) -> None:
+    """The module sums its terms itself (no self.log per step): each epoch's train/loss_epoch is
+    the batch-size-weighted mean of the steps' losses, visible to callbacks at their
+    on_train_epoch_end, and the logger gets step values every trainer.log_every_n_steps."""
+    import csv
+
+    from dpvae import pipeline
+    from dpvae.config import load_config
+
+    cfg = load_config(
+        [
+            f"data.reference={osmfish_small}",
+            "trainer.max_epochs=2",
+            "model.warmup_epochs=1",
+            "logger=csv",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.log_every_n_steps=2",
+            "trainer.enable_progress_bar=false",
+            "+callbacks.spy={_target_: tests.test_train.LossSpy}",
+            *FAST,
+        ]
+    )
+    done = pipeline.train(cfg, run_dir=tmp_path / "run")
+    # (the class the configuration names, maybe a second import of this module)
+    (spy,) = [cb for cb in done.trainer.callbacks if type(cb).__name__ == "LossSpy"]  # type: ignore[attr-defined]
+    assert len(spy.epochs) == 2
+    for logged, mean in spy.epochs:
+        assert logged == pytest.approx(mean, rel=1e-5)
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert len(steps) >= 4 and all((s + 1) % 2 == 0 for s in steps)
+    assert len([r for r in rows if r.get("train/loss_epoch")]) == 2
+    assert len([r for r in rows if r.get("val/loss")]) == 2

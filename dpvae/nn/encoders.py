@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from dpvae.errors import require
+from dpvae.nn.dropout import ByteDropout
 from dpvae.nn.mlp import mlp, out_width
 
 
@@ -43,6 +44,11 @@ class MLPEncoder(Encoder):
         logvar_clamp: the log-variance is clamped to +-this for numerical safety.
         input_dropout: dropout on the input features during training (a denoising regulariser
             against memorising the reference).
+        byte_dropout: draw the dropout masks from one random byte per element
+            (:class:`dpvae.nn.dropout.ByteDropout`, about 5x cheaper than a Bernoulli float; keep
+            probabilities in steps of 1/256). Off by default: it changes the random stream, and on
+            the dev benchmark one breast unit moved by 0.013 dist_pearson (noise of the stream,
+            both ways) against the project's 0.01 bar.
     """
 
     def __init__(
@@ -55,12 +61,14 @@ class MLPEncoder(Encoder):
         activation: str = "relu",
         logvar_clamp: float = 10.0,
         input_dropout: float = 0.3,
+        byte_dropout: bool = False,
     ) -> None:
         super().__init__(n_input, n_latent)
         require(0.0 <= input_dropout < 1.0, f"input_dropout must be in [0, 1), got {input_dropout}")
         require(logvar_clamp > 0, f"logvar_clamp must be positive, got {logvar_clamp}")
-        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
-        self.body = mlp(n_input, hidden, dropout, norm, activation)
+        drop = ByteDropout if byte_dropout else nn.Dropout
+        self.input_dropout = drop(input_dropout) if input_dropout > 0 else nn.Identity()
+        self.body = mlp(n_input, hidden, dropout, norm, activation, byte_dropout=byte_dropout)
         width = out_width(n_input, hidden)
         self.mu = nn.Linear(width, n_latent)
         self.logvar = nn.Linear(width, n_latent)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from dpvae.errors import ConfigError
+from dpvae.nn.dropout import ByteDropout
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _NORMS = ("batch", "layer", "none")
@@ -18,8 +19,10 @@ def mlp(
     dropout: float = 0.0,
     norm: str = "batch",
     activation: str = "relu",
+    byte_dropout: bool = False,
 ) -> nn.Sequential:
-    """Hidden layers ``Linear -> norm -> activation -> dropout`` for each width in ``hidden``.
+    """Hidden layers ``Linear -> norm -> activation -> dropout`` for each width in ``hidden``
+    (dropout: :class:`dpvae.nn.dropout.ByteDropout` with ``byte_dropout``).
 
     The output width is ``hidden[-1]`` (or ``n_in`` when ``hidden`` is empty).
     """
@@ -43,7 +46,7 @@ def mlp(
             layers.append(nn.LayerNorm(int(h)))
         layers.append(_ACTIVATIONS[activation]())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(ByteDropout(dropout) if byte_dropout else nn.Dropout(dropout))
         width = int(h)
     return nn.Sequential(*layers)
 

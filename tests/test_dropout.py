@@ -1,0 +1,65 @@
+"""ByteDropout: the encoder's (and hidden layers') dropout with a one-byte-per-element mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpvae.errors import ConfigError
+from dpvae.nn.dropout import ByteDropout
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_keeps_each_element_with_its_probability_and_the_expectation(p: float) -> None:
+    layer = ByteDropout(p).train()
+    torch.manual_seed(0)
+    x = torch.full((400, 2500), 2.0)  # a million elements
+    y = layer(x)
+    kept = y != 0
+    q = round((1 - p) * 256) / 256
+    assert abs(q - (1 - p)) <= 1 / 512
+    # a binomial proportion over 1e6 elements: sd 5e-4
+    assert kept.float().mean().item() == pytest.approx(q, abs=3e-3)
+    assert torch.allclose(y[kept], torch.tensor(2.0 / q))  # kept elements scaled by 1/q
+    assert y.mean().item() == pytest.approx(2.0, rel=5e-3)  # the expectation is the input
+    # every byte of the random words is used: the mask has no stripes (each column position of
+    # 8 consecutive elements keeps at rate q)
+    rates = kept.reshape(-1, 8).float().mean(0)
+    assert torch.allclose(rates, torch.full((8,), q), atol=6e-3), rates
+
+
+def test_seeded_identity_in_eval_and_gradients() -> None:
+    layer = ByteDropout(0.3)
+    x = torch.randn(64, 100)
+    torch.manual_seed(5)
+    a = layer(x)
+    torch.manual_seed(5)
+    b = layer(x)
+    assert torch.equal(a, b)  # torch's generator, seeded as any other draw
+    assert torch.equal(layer.eval()(x), x)
+    layer.train()
+    h = torch.randn(64, 100, requires_grad=True)
+    out = layer(h)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    assert torch.equal(grad, (out != 0).float() * layer.scale)  # d(out)/dh: the scaled mask
+    assert x.data_ptr() != layer(x).data_ptr()  # the input is never overwritten
+
+
+def test_bad_probability_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\)"):
+        ByteDropout(1.0)
+
+
+def test_the_encoder_option_chooses_the_mask() -> None:
+    """model.encoder.byte_dropout=true puts ByteDropout on the input and hidden layers; the
+    default keeps torch's Bernoulli dropout (the benchmarked random stream)."""
+    from torch import nn
+
+    from dpvae.nn import MLPEncoder
+
+    default = MLPEncoder(50, 4)
+    fast = MLPEncoder(50, 4, byte_dropout=True)
+    assert isinstance(default.input_dropout, nn.Dropout)
+    assert not any(isinstance(m, ByteDropout) for m in default.modules())
+    assert isinstance(fast.input_dropout, ByteDropout) and fast.input_dropout.p == 0.3
+    assert [m.p for m in fast.body if isinstance(m, ByteDropout)] == [0.1]
