@@ -26,7 +26,8 @@ against the anchors, ``dpvae_anchors`` trains on the anchors alone. The A-traine
 (pair, seed) is trained once and kept in ``cache`` (default ``OUT/cache``); a run that reuses it
 reports its recorded training seconds on top of its own (``reused_s``), so every wall time is the
 method's whole cost. A method may return ``(coordinates, radius)``: a per-cell radius meant to
-hold the true position with 90% probability, scored by ``coverage90`` and ``radius_spearman``.
+hold the true position with 90% probability, scored by ``coverage90``, ``radius_spearman`` and
+``radius_median`` (cell spacings).
 
 Outputs in ``out``: ``results.csv`` (one row per run, written as runs finish), ``results.md``
 (one row per task, unit and method: mean ± sd over seeds), ``figures/*.png`` (true versus
@@ -148,9 +149,11 @@ SCORES: tuple[str, ...] = (
     "procrustes_rmse",
     "coverage90",
     "radius_spearman",
+    "radius_median",
 )
-#: Scores of methods that report a per-cell radius (impute and anchored).
-RADIUS_SCORES: tuple[str, ...] = ("coverage90", "radius_spearman")
+#: Scores of methods that report a per-cell radius (impute and anchored); radius_median is in
+#: reference cell spacings (the unit of median_error).
+RADIUS_SCORES: tuple[str, ...] = ("coverage90", "radius_spearman", "radius_median")
 
 #: dist_pearson means of ANCHORS.md (knn_regression and pca_mds over seeds 0-2; published tools
 #: as reported there), shown next to our numbers in results.md.
@@ -942,7 +945,7 @@ def _score(
 ) -> dict[str, float]:
     """The protocol's scores of one prediction. ``ref_coords``: the coordinates whose median
     nearest-neighbour distance divides median_error (impute: the reference; anchored: all of
-    section B, anchors and query). ``radius`` adds coverage90 and radius_spearman (impute and
+    section B, anchors and query). ``radius`` adds coverage90, radius_spearman and radius_median (impute and
     anchored)."""
     from dpvae.metrics import median_nn_distance, score_coordinates
 
@@ -951,11 +954,13 @@ def _score(
     if not np.isfinite(P).all():
         raise ValueError("prediction contains non-finite values")
     kind = "impute" if task == "anchored" else task
-    scores = score_coordinates(P, T, kind, ref_nn_distance=median_nn_distance(ref_coords))
+    spacing = median_nn_distance(ref_coords)
+    scores = score_coordinates(P, T, kind, ref_nn_distance=spacing)
     if method in FRAME_FREE and "median_error" in scores:
         scores["median_error"] = float("nan")  # arbitrary frame: rotation-invariant scores only
     if radius is not None and kind == "impute" and method not in FRAME_FREE:
         scores.update(radius_scores(P, T, radius))
+        scores["radius_median"] = float(np.nanmedian(radius) / spacing)
     return scores
 
 
