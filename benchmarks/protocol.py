@@ -614,7 +614,7 @@ def _method_callable(method: str) -> Any:
             coords, radius = fit_predict(
                 ref, query, task=task, seed=seed, overrides=overrides, radius=True
             )
-            return coords if not np.isfinite(radius).any() else (coords, radius)
+            return _with_radius(coords, radius)
 
         return run_dpvae
     from benchmarks.comparators import COMPARATORS
@@ -697,8 +697,14 @@ def _dpvae_place(model: Any, query: ad.AnnData, reference: Any = None) -> Any:
         coords = np.asarray(placed.obsm["spatial_dpvae"], dtype=np.float64)
         col = placed.obs.get("dpvae_radius90")
         radius = None if col is None else np.asarray(col, dtype=np.float64)
+    return _with_radius(coords, radius)
+
+
+def _with_radius(coords: np.ndarray, radius: np.ndarray | None) -> Any:
+    """``(coordinates, radius)``, or the coordinates alone when no cell has a radius (not
+    calibrated, e.g. fewer than 4 reference cells)."""
     if radius is None or not np.isfinite(radius).any():
-        return coords  # not calibrated (e.g. fewer than 4 reference cells): no radius
+        return coords
     return coords, radius
 
 

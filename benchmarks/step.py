@@ -1,7 +1,7 @@
 """Seconds per training step of dpvae's default model: a bare PyTorch loop, Lightning, the FLOP floor.
 
-Run from the repository root of a checkout (keys and defaults below in ``DEFAULTS``, ``--help``
-prints them)::
+Run from the repository root of a checkout (keys and defaults in ``benchmarks/conf/step.yaml``,
+``--help`` prints them)::
 
     python -m benchmarks.step                                  # osmFISH and 100k x 2000 synthetic
     python -m benchmarks.step datasets=[osmfish] batches=100 repeats=1 profile_steps=0
@@ -63,29 +63,7 @@ from dpvae.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
 ROOT_FILE = "step.yaml"
-#: the command's keys, their defaults and comments (``--help`` shows them)
-DEFAULTS = """\
-# Seconds per training step of dpvae's default model: bare PyTorch loop, Lightning, FLOP floor.
-#   python -m benchmarks.step datasets=[osmfish,synthetic] out=bench_out/step report=true
-datasets: [osmfish, synthetic]   # osmfish: the embedded osmFISH | synthetic: cells x n_genes (benchmarks.synthetic) | an .h5ad path
-cells: 100000                 # synthetic reference: cells
-n_genes: 2000                 # synthetic reference: genes
-density: 0.1                  # synthetic reference: fraction of non-zero counts (CSR)
-seed: 0                       # synthetic tissue and cells (training uses seed 0)
-data_dir: bench_out/scale_data   # where the synthetic reference is written once and reused (benchmarks.scale's files)
-batches: 200                  # training batches drawn once from train_dataloader() and kept (loading is not timed)
-warmup: 20                    # steps of every pass before timing starts
-repeats: 5                    # bare and Lightning passes alternate this many times; medians (and the best pass) are reported
-profile_steps: 50             # bare steps under torch.profiler (0: no op profile)
-lightning_profile: true       # one more Lightning pass under cProfile and SimpleProfiler
-top: 15                       # ops and functions listed per profile
-logger: csv                   # the training logger of the Lightning loop (conf/logger/: csv, wandb, none)
-threads: 1                    # torch threads (OMP_NUM_THREADS too when the command sets it)
-gemm_seconds: 0.3             # measuring time per GEMM shape
-train_args: []                # extra training overrides, e.g. [data.batch_size=512]
-out: bench_out/step           # results.json and results.md
-report: false                 # also copy them to docs/benchmarks/step.json and step.md
-"""
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 SUMMARY = """
 Seconds per training step of dpvae's default model on materialised batches: a bare PyTorch loop
 (losses, backward, AdamW), the same through lightning.Trainer, and the FLOP floor of its Linear
@@ -1094,9 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for a usage error)."""
     from dpvae.cli import command
 
-    with tempfile.TemporaryDirectory(prefix="dpvae_step_conf_") as conf:
-        (Path(conf) / ROOT_FILE).write_text(DEFAULTS)
-        return command("python -m benchmarks.step", SUMMARY, Path(conf), ROOT_FILE, work)(argv)
+    return command("python -m benchmarks.step", SUMMARY, CONF_DIR, ROOT_FILE, work)(argv)
 
 
 if __name__ == "__main__":

@@ -663,26 +663,19 @@ class ReferenceDataModule(L.LightningDataModule):
         ``raw`` reads the cells' expression when sliced (from memory or from disk) and holds no
         copy of its own.
         """
-        if split == "all":  # views, no copies
-            section = None
-            if self._section_of is not None:
-                section = np.asarray(self._sections, dtype=object)[self._section_of]
-            return Cells(
-                raw=self._raw,
-                coords=self._coords,
-                index=np.arange(len(self._coords)),
-                names=self._names,
-                section=section,
-                sections=self._sections,
-            )
-        rows = self._split[split]
+        rows: slice | np.ndarray
+        if split == "all":  # a slice: views, no copies
+            rows, index, raw = slice(None), np.arange(len(self._coords)), self._raw
+        else:
+            rows = index = self._split[split]
+            raw = RowSubset(self._raw, rows)
         section = None
         if self._section_of is not None:
             section = np.asarray(self._sections, dtype=object)[self._section_of[rows]]
         return Cells(
-            raw=RowSubset(self._raw, rows),
+            raw=raw,
             coords=self._coords[rows],
-            index=rows,
+            index=index,
             names=self._names[rows],
             section=section,
             sections=self._sections,

@@ -35,7 +35,7 @@ from dpvae.likelihoods import Likelihood
 from dpvae.nn import Decoder, Encoder
 from dpvae.preprocess import ExpressionTransform, Preprocessor, to_dense
 from dpvae.regularizers import DistanceRegularizer
-from dpvae.regularizers.base import accepts_weight, pair_distances
+from dpvae.regularizers.base import accepts_weight, pair_distances, spatial_distances
 
 DEFAULT_ENCODER = {"_target_": "dpvae.nn.MLPEncoder"}
 DEFAULT_DECODER = {"_target_": "dpvae.nn.MLPDecoder"}
@@ -56,11 +56,7 @@ def batch_pairs(coords: Tensor, min_distance: float = 1e-12) -> Tensor:
     if key not in _TRIU:  # one per batch size (and device): the same every step
         _TRIU[key] = torch.triu_indices(n, n, offset=1, device=coords.device)
     pairs = _TRIU[key]
-    if coords.device.type in ("cpu", "cuda"):
-        d = torch.pdist(coords)
-    else:  # pdist's kernels: CPU and CUDA
-        d = torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
-    return pairs[:, d > min_distance]
+    return pairs[:, spatial_distances(coords, pairs) > min_distance]
 
 
 def weighted_median(values: Tensor, weight: Tensor) -> Tensor:
@@ -83,8 +79,7 @@ def batch_pair_set(
         return batch_pairs(coords, min_distance), None
     pairs = batch["pairs"].to(coords.device)
     weight = batch.get("pair_weight")
-    d = torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
-    keep = d > min_distance
+    keep = spatial_distances(coords, pairs) > min_distance
     if weight is not None:
         weight = weight.to(device=coords.device, dtype=coords.dtype)[keep]
     return pairs[:, keep], weight

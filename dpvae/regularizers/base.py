@@ -17,6 +17,20 @@ def condensed_index(pairs: Tensor, n: int) -> Tensor:
     return a * n - a * (a + 1) // 2 + (b - a - 1)
 
 
+def _has_pdist(x: Tensor) -> bool:
+    """Whether :func:`torch.pdist` has a kernel for ``x``'s device (CPU and CUDA)."""
+    return x.device.type in ("cpu", "cuda")
+
+
+def spatial_distances(coords: Tensor, pairs: Tensor) -> Tensor:
+    """Euclidean distances ``|c_i - c_j|`` of the index pairs ``pairs`` (2, P), ``i != j``:
+    :func:`torch.pdist` over the rows read at the pairs' positions (gathered rows where pdist
+    has no kernel)."""
+    if _has_pdist(coords):
+        return torch.pdist(coords)[condensed_index(pairs, coords.shape[0])]
+    return torch.linalg.vector_norm(coords[pairs[0]] - coords[pairs[1]], dim=-1)
+
+
 def pair_distances(
     z: Tensor, coords: Tensor, pairs: Tensor, eps: float = 1e-10
 ) -> tuple[Tensor, Tensor]:
@@ -27,14 +41,11 @@ def pair_distances(
     positions: one fused kernel (and its backward) instead of gathering two (P, L) blocks of rows
     and scattering their gradients back, 6x faster for a batch's 32,640 pairs.
     """
-    if z.device.type not in ("cpu", "cuda"):  # pdist's kernels: CPU and CUDA
-        i, j = pairs
-        dz = torch.sqrt(((z[i] - z[j]) ** 2).sum(dim=-1) + eps)
-        return dz, torch.linalg.vector_norm(coords[i] - coords[j], dim=-1)
-    k = condensed_index(pairs, z.shape[0])
-    dz = torch.sqrt(torch.pdist(z)[k] ** 2 + eps)
-    d = torch.pdist(coords)[k]
-    return dz, d
+    if _has_pdist(z):
+        dz = torch.sqrt(torch.pdist(z)[condensed_index(pairs, z.shape[0])] ** 2 + eps)
+    else:
+        dz = torch.sqrt(((z[pairs[0]] - z[pairs[1]]) ** 2).sum(dim=-1) + eps)
+    return dz, spatial_distances(coords, pairs)
 
 
 def weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
