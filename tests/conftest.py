@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +15,23 @@ from dpvae.data import embedded_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DPVAE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def train_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python train.py ARGS`` in a fresh process (in ``cwd``, with ``env``); assert it
+    succeeded, showing its stderr's tail otherwise."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def shared_file(name: str) -> Path:

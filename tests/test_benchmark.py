@@ -243,20 +243,39 @@ def test_missing_data_dir_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     assert len(err) == 1 and err[0].startswith("dpvae: error: data_dir")
 
 
-@pytest.mark.parametrize("module", ["benchmarks.protocol", "benchmarks.solver_scaling"])
+#: each benchmark command, the modules its --help must not import, and keys its --help lists
+HELP_CASES = {
+    "benchmarks.protocol": (
+        ("torch", "anndata"),
+        ("data_dir=", "methods=", "seeds=[0,1,2]", "threads=null"),
+    ),
+    "benchmarks.solver_scaling": (
+        ("torch", "anndata"),
+        ("task=impute", "n=[10000,100000,1000000]", "threads=1"),
+    ),
+    "benchmarks.synthetic": (
+        ("torch", "anndata", "h5py"),
+        ("out=???", "n_cells=", "density=0.1", "sections=1", "dense=false"),
+    ),
+    "benchmarks.scale": (
+        ("torch", "anndata", "h5py"),
+        ("cells=[100000,250000,1000000]", "modes=[memory,streaming]", "max_rss_gb=12.0"),
+    ),
+}
+
+
+@pytest.mark.parametrize("module", list(HELP_CASES))
 def test_help_lists_the_yaml_keys_without_importing_torch_or_anndata(module: str) -> None:
+    heavy, keys = HELP_CASES[module]
     code = (
         f"import sys; from {module} import main; rc = main(['--help']); "
-        "heavy = [m for m in ('torch', 'anndata') if m in sys.modules]; "
+        f"heavy = [m for m in {heavy!r} if m in sys.modules]; "
         "assert not heavy, heavy; sys.exit(rc)"
     )
     res = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr
-    keys = ("data_dir=", "methods=", "seeds=[0,1,2]", "threads=null")
-    if module.endswith("solver_scaling"):
-        keys = ("task=impute", "n=[10000,100000,1000000]", "threads=1")
     for key in keys:
         assert key in res.stdout
 
@@ -399,24 +418,6 @@ def test_synthetic_reference_has_its_shape_density_counts_and_spatial_structure(
     assert back.min() > -1e-6 and back.max() < side + 1e-6
     assert not (s1.obsm["spatial"].min() > -1e-6 and s1.obsm["spatial"].max() < side + 1e-6)
     assert synthetic.main([f"out={tmp_path / 'x.txt'}"]) == 2
-
-
-@pytest.mark.parametrize("module", ["benchmarks.synthetic", "benchmarks.scale"])
-def test_scale_commands_help_without_importing_torch_or_anndata(module: str) -> None:
-    code = (
-        f"import sys; from {module} import main; rc = main(['--help']); "
-        "heavy = [m for m in ('torch', 'anndata', 'h5py') if m in sys.modules]; "
-        "assert not heavy, heavy; sys.exit(rc)"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr
-    keys = ("out=???", "n_cells=", "density=0.1", "sections=1", "dense=false")
-    if module.endswith("scale"):
-        keys = ("cells=[100000,250000,1000000]", "modes=[memory,streaming]", "max_rss_gb=12.0")
-    for key in keys:
-        assert key in res.stdout
 
 
 @pytest.mark.parametrize(

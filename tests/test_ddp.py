@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import train_process
+
 METRICS = [
     "val/dist_pearson",
     "val/dist_spearman",
@@ -44,15 +43,7 @@ def _run(run_dir: Path, data: Path, extra: list[str]) -> dict[str, float]:
         *extra,
     ]
     env = dict(os.environ)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=run_dir.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_process(args, cwd=run_dir.parent, env=env)
     rows = list(csv.DictReader(open(run_dir / "csv" / "version_0" / "metrics.csv")))
     out = {}
     for row in rows:
@@ -163,15 +154,7 @@ def test_ddp_two_processes_train_one_model(osmfish_small: Path, tmp_path: Path) 
         "trainer.enable_progress_bar=false",
         f"+callbacks.probe={{_target_: rank_probe.RankProbe, out: '{probe}'}}",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_process(args, cwd=tmp_path, env=env, timeout=300)
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     a, b = ranks

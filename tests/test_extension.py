@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import train_process
 
 USER_MODULE = '''
 import torch
@@ -46,10 +44,8 @@ def test_user_regularizer_from_own_module_and_yaml(tmp_path: Path, osmfish_small
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     env["DPVAE_CONFIG_PATH"] = str(tmp_path / "my_conf")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
+    train_process(
         [
-            sys.executable,
-            str(ROOT / "train.py"),
             "model.regularizer=mine",
             "model.warmup_epochs=1",
             f"data.reference={osmfish_small}",
@@ -59,13 +55,10 @@ def test_user_regularizer_from_own_module_and_yaml(tmp_path: Path, osmfish_small
             "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false",
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
         cwd=tmp_path,
         env=env,
+        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(run_dir / "model.ckpt", weights_only=True, map_location="cpu")
     assert ckpt["hyper_parameters"]["regularizer"]["_target_"] == "my_regularizers.LogRatio"
     assert ckpt["hyper_parameters"]["regularizer"]["eps"] == 0.01
