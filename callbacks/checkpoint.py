@@ -62,3 +62,11 @@ class RunCheckpoint(ModelCheckpoint):
                 self._save_last_checkpoint(trainer, candidates)
             else:
                 self._save_topk_checkpoint(trainer, candidates)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run of no step (fine-tuning whose cross-validation kept the starting model, or
+        # trainer.max_epochs=0) still leaves its model to predict with
+        if trainer.global_step == 0:
+            trainer.save_checkpoint(
+                Path(self.dirpath or ".") / f"{self.filename}.ckpt", weights_only=False
+            )

@@ -85,7 +85,7 @@ class Model:
         from dpvae.placement import predict
 
         ref = self.reference if reference is None else reference
-        return predict(self.module, adata, reference=ref, **kwargs)
+        return predict(self.module, adata, reference=ref, run_reference=self.reference, **kwargs)
 
     def predict(
         self,
@@ -263,7 +263,8 @@ def _train(reference: Any, head: list[str], overrides: Sequence[str], init: Any 
     with _quiet_lightning(bool(cfg.get("verbose", False))):
         done = pipeline.train(cfg, reference=_as_reference(reference), init=init)
     module = done.model.cpu().eval()
-    return Model(module, embed_reference(module, done.data), to_plain(cfg))
+    reference = embed_reference(module, done.data, calibration=done.calibration)
+    return Model(module, reference, to_plain(cfg))
 
 
 def load(path: str | Path) -> Model:

@@ -231,7 +231,10 @@ def train_work(cfg: DictConfig) -> int:
     if resume and cfg.trainer.max_epochs not in (None, -1):
         done_epochs = resume.epoch + 1
         same_data = record.get("config", {}).get("data") == plain.get("data")
-        ended = done_epochs >= cfg.trainer.max_epochs or resume.stopped_early
+        chosen = cfg.trainer.max_epochs
+        if cfg.get("finetune") and int(cfg.finetune.get("folds") or 0) >= 2:
+            chosen = min(chosen, record.get("finetune", {}).get("epochs", chosen))  # by its CV
+        ended = done_epochs >= chosen or resume.stopped_early
         finished = ended and (run_dir / EMBEDDING_FILE).exists()
         if finished and same_data:
             print(
@@ -268,10 +271,14 @@ def train_work(cfg: DictConfig) -> int:
         )
 
     try:
-        done = pipeline.train(cfg, run_dir=run_dir, resume_from=resume_from, on_start=on_start)
+        done = pipeline.train(
+            cfg, run_dir=run_dir, resume_from=resume_from, on_start=on_start, previous=record
+        )
         if done.trainer.is_global_zero and cfg.embedding.write:
             model = done.model.cpu()
-            embedding = embed_reference(model, done.data, cfg.embedding.batch_size)
+            embedding = embed_reference(
+                model, done.data, cfg.embedding.batch_size, calibration=done.calibration
+            )
             embedding.write(run_dir / EMBEDDING_FILE)
             names = (CHECKPOINT_FILE, LAST_FILE, CONFIG_FILE, EMBEDDING_FILE, FIGURE_FILE)
             written = [n for n in names if (run_dir / n).exists()]

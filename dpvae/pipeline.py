@@ -8,6 +8,7 @@ each part comes from its ``_target_``, so a user's own class slots in with a YAM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,14 @@ class Trained:
     model: DPVAE
     data: Any
     trainer: L.Trainer
+    #: fine-tuning's cross-validation (:mod:`dpvae.finetune`), when it ran
+    cross_validation: Any = None
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The run's own radius calibration (fine-tuning's cross-validation), or ``None``."""
+        cv = self.cross_validation
+        return None if cv is None else cv.calibration
 
 
 def train(
@@ -224,6 +233,8 @@ def train(
     resume_from: Path | None = None,
     on_start: Any = None,
     init: DPVAE | None = None,
+    previous: dict[str, Any] | None = None,
+    extra_callbacks: Sequence[Any] = (),
 ) -> Trained:
     """Train the configured model.
 
@@ -232,7 +243,11 @@ def train(
         reference: an in-memory AnnData instead of ``data.reference``.
         run_dir: the run folder (checkpoints, logs); ``None`` trains in memory and writes nothing.
         resume_from: a checkpoint to continue from.
-        init: a trained model to fine-tune (else ``cfg.init_from``'s checkpoint, if set).
+        init: a trained model to fine-tune (else ``cfg.init_from``'s checkpoint, if set); the
+            schedule is then chosen by cross-validation over the data's cells when
+            ``finetune.folds`` is 2 or more (:func:`dpvae.finetune.cross_validate`).
+        previous: the run record of the checkpoint resumed (its cross-validation is reused).
+        extra_callbacks: callbacks added to the configured ones.
         on_start: called as ``on_start(data, logger, data_fingerprint)`` on rank zero after setup,
             before training
             (the command line writes ``config.yaml`` and prints its first line there).
@@ -244,9 +259,31 @@ def train(
     if init is None and cfg.get("init_from"):
         init = load_initial_model(cfg.init_from)
     data = build_datamodule(cfg, reference, init)
+    cv = None
+    fit_cfg = cfg
+    if init is not None:
+        from omegaconf import OmegaConf
+
+        from dpvae.finetune import CrossValidation, cross_validate
+
+        done_before = (previous or {}).get("finetune")
+        folds = int((cfg.get("finetune") or {}).get("folds", 0) or 0)
+        cv = CrossValidation.from_record(done_before) if done_before and folds >= 2 else None
+        notes = getattr(data, "notes", None)
+        if cv is None and _one_process(cfg):
+            cv = cross_validate(cfg, data, init)
+            configure_process(cfg)  # the final fit's generators as without cross-validation
+        elif cv is None and folds >= 2 and isinstance(notes, list):
+            notes.append("fine-tuning cross-validation skipped: it runs on one device only")
+        if cv is not None:
+            merged = OmegaConf.merge(cfg, {"trainer": {"max_epochs": cv.epochs}})
+            assert isinstance(merged, DictConfig)
+            fit_cfg = merged
+            if isinstance(notes, list):
+                notes.append(cv.summary())
     model = build_model(cfg, data, init)
     logger = build_logger(cfg) if run_dir is not None else False
-    callbacks = build_callbacks(cfg, run_dir is not None)
+    callbacks = [*build_callbacks(cfg, run_dir is not None), *extra_callbacks]
     for callback in callbacks:  # e.g. the modules a Freeze names exist
         check = getattr(callback, "check_model", None)
         if check is not None:
@@ -255,8 +292,10 @@ def train(
     for callback in callbacks:
         if isinstance(callback, RunState):  # the run's record goes into every checkpoint
             callback.set_record(to_plain(cfg), data_fingerprint)
+            if cv is not None:
+                callback.record["finetune"] = cv.to_record()
     check_monitors(callbacks, data)
-    trainer = build_trainer(cfg, callbacks, logger, run_dir)
+    trainer = build_trainer(fit_cfg, callbacks, logger, run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     # before fit, ranks are known only from the launcher's environment (DDP re-runs the command)
@@ -273,4 +312,14 @@ def train(
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its shutdown
             raise KeyboardInterrupt from None
         raise
-    return Trained(model=model, data=data, trainer=trainer)
+    return Trained(model=model, data=data, trainer=trainer, cross_validation=cv)
+
+
+def _one_process(cfg: DictConfig) -> bool:
+    """The run trains in one process on one device (every rank of a distributed run would have
+    to reach the same cross-validation; it is not attempted there)."""
+    import os
+
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    one = str(devices).strip() in ("1", "[0]") and str(nodes).strip() == "1"
+    return one and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1

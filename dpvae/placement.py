@@ -18,7 +18,7 @@ place cells through this module, so each rule exists once:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -238,7 +238,10 @@ def conformal_radius(
     outside its fold (folds of at most ``HELD_OUT_SHARE`` of the held-out cells: the query meets
     the same mix of training and held-out codes); else, for
     a reference of up to 10 x ``MAX_CALIBRATION`` cells, every cell placed against the other
-    folds of ``CALIBRATION_FOLDS``; else ``MAX_CALIBRATION`` cells against the rest. A query
+    folds of ``CALIBRATION_FOLDS``; else ``MAX_CALIBRATION`` cells against the rest. A reference
+    that carries its own record (:attr:`ReferenceEmbedding.calibration`: a fine-tuned model's
+    anchors, every one a training cell, calibrated by the fine-tuning's cross-validation on
+    anchors its fits never saw) keeps it. A query
     exchangeable with the calibration cells is then covered with probability at least
     ``RADIUS_COVERAGE``; cells of another section or tissue are not exchangeable, so coverage there
     is measured by the benchmark rather than promised.
@@ -246,6 +249,8 @@ def conformal_radius(
     Returns the record written to ``uns['dpvae']['radius']`` (``quantile`` and ``floor`` in model
     units), or ``None`` for a reference too small to calibrate (fewer than 4 cells).
     """
+    if ref.calibration is not None:  # fine-tuning's cross-validation (cells the fits never saw)
+        return dict(ref.calibration)
     pre = model.preprocessor
     n = len(ref)
     if n < 4:
@@ -288,28 +293,70 @@ def conformal_radius(
         rest = np.setdiff1d(np.arange(n), cal)
         splits.append((cal, rest))
         how = f"{MAX_CALIBRATION} reference cells placed against the others"
-    floor = SPREAD_FLOOR * pre.ref_nn_distance / pre.coord_scale
+    floor = spread_floor(pre)
     scores = []
     for cal, against in splits:
         if len(cal) == 0 or len(against) == 0:
             continue
-        spread = torch.empty(len(cal), dtype=torch.float64)
-        pred = place(
+        error, spread = placement_errors(
+            model,
             latent[cal],
             latent[against],
-            torch.as_tensor(coords[against], dtype=torch.float64),
+            coords[cal],
+            coords[against],
             query_pcs=None if ref.pcs is None else ref.pcs[cal],
             ref_pcs=None if ref.pcs is None else ref.pcs[against],
-            scale=model.scale_value(),
-            k=min(k, len(against)),
+            k=k,
             expression_weight=expression_weight,
-            spread=spread,
         )
-        error = np.linalg.norm(pred.cpu().numpy() - coords[cal], axis=1)
-        scores.append(error / (spread.numpy() + floor))
+        scores.append(error / (spread + floor))
     if not scores:
         return None
-    s = np.concatenate(scores)
+    return radius_record(np.concatenate(scores), floor, how)
+
+
+def spread_floor(pre: Any) -> float:
+    """The difficulty's floor in model units: ``SPREAD_FLOOR`` reference cell spacings."""
+    return float(SPREAD_FLOOR * pre.ref_nn_distance / pre.coord_scale)
+
+
+def placement_errors(
+    model: Any,
+    query_latent: np.ndarray,
+    ref_latent: np.ndarray,
+    query_coords: np.ndarray,
+    ref_coords: np.ndarray,
+    *,
+    query_pcs: np.ndarray | None = None,
+    ref_pcs: np.ndarray | None = None,
+    k: int = NEIGHBOURS,
+    expression_weight: float = EXPRESSION_WEIGHT,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(error, spread)`` of cells of known position placed against others as a query is.
+
+    Coordinates are in any one frame (model units, or original units for both); the error
+    (distance of placement to truth) and the neighbour spread are in the same units.
+    """
+    spread = torch.empty(len(query_latent), dtype=torch.float64)
+    pred = place(
+        query_latent,
+        ref_latent,
+        torch.as_tensor(ref_coords, dtype=torch.float64),
+        query_pcs=query_pcs,
+        ref_pcs=ref_pcs,
+        scale=model.scale_value(),
+        k=min(k, len(ref_latent)),
+        expression_weight=expression_weight,
+        spread=spread,
+    )
+    error = np.linalg.norm(pred.cpu().numpy() - query_coords, axis=1)
+    return error, spread.numpy()
+
+
+def radius_record(scores: np.ndarray, floor: float, how: str) -> dict[str, Any]:
+    """The calibration record of ``uns['dpvae']['radius']`` from the calibration cells' scores
+    (error / difficulty): their conformal ``RADIUS_COVERAGE`` quantile (finite-sample rank)."""
+    s = np.asarray(scores, dtype=np.float64)
     level = min(1.0, np.ceil((len(s) + 1) * RADIUS_COVERAGE) / len(s))
     return {
         "coverage": RADIUS_COVERAGE,
@@ -325,6 +372,17 @@ def conformal_radius(
 
 
 # ------------------------------------------------------------------ the embedding format
+#: ``uns['dpvae']`` key of an embedding's own radius calibration (fine-tuning's cross-validation)
+CALIBRATION_KEY = "radius_calibration"
+
+
+def _plain_record(record: Any) -> dict[str, Any] | None:
+    """A record read back from ``uns`` with numpy scalars as Python values (``None`` stays)."""
+    if not isinstance(record, dict):
+        return None
+    return {str(k): v.item() if hasattr(v, "item") else v for k, v in record.items()}
+
+
 @dataclass
 class ReferenceEmbedding:
     """Reference cells as prediction needs them: codes, coordinates, expression PCs, split.
@@ -341,6 +399,8 @@ class ReferenceEmbedding:
             coordinates are in unrelated frames), or ``None`` for one section.
         sections: the section names in the reference's order (the first is the default frame
             of :meth:`select_section`); empty for one section.
+        calibration: the radius record of :func:`conformal_radius` made when the model was
+            trained (fine-tuning's cross-validation), or ``None`` (calibrated at prediction).
     """
 
     latent: np.ndarray
@@ -352,6 +412,7 @@ class ReferenceEmbedding:
     scale: float = 1.0
     section: np.ndarray | None = None
     sections: tuple[str, ...] = ()
+    calibration: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.latent)
@@ -397,6 +458,7 @@ class ReferenceEmbedding:
             scale=self.scale,
             section=np.asarray(self.section)[keep],
             sections=(chosen,),
+            calibration=self.calibration,
         )
         return out, chosen
 
@@ -434,6 +496,8 @@ class ReferenceEmbedding:
         }
         if self.section is not None and self.sections:
             out.uns["dpvae"]["sections"] = list(self.sections)
+        if self.calibration is not None:
+            out.uns["dpvae"][CALIBRATION_KEY] = dict(self.calibration)
         return out
 
     def write(self, path: str | Path) -> Path:
@@ -491,6 +555,7 @@ class ReferenceEmbedding:
             scale=float(info.get("lambda", 1.0)),
             section=section,
             sections=sections,
+            calibration=_plain_record(info.get(CALIBRATION_KEY)),
         )
 
     @classmethod
@@ -502,9 +567,13 @@ class ReferenceEmbedding:
 
 
 def embed_reference(
-    model: DPVAE, data: ReferenceData, batch_size: int = 4096
+    model: DPVAE,
+    data: ReferenceData,
+    batch_size: int = 4096,
+    calibration: dict[str, Any] | None = None,
 ) -> ReferenceEmbedding:
-    """The embedding of every reference cell of a fitted datamodule (its cell order)."""
+    """The embedding of every reference cell of a fitted datamodule (its cell order);
+    ``calibration``: the run's own radius record (:attr:`ReferenceEmbedding.calibration`)."""
     cells = data.cells("all")
     latent, pcs = model.embed(cells.raw, batch_size=batch_size, with_pcs=True)
     in_sample = np.zeros(len(latent), dtype=bool)
@@ -521,6 +590,7 @@ def embed_reference(
         scale=model.scale_value(),
         section=None if section is None or not sections else np.asarray(section).astype(str),
         sections=sections if section is not None else (),
+        calibration=calibration,
     )
 
 
@@ -622,12 +692,17 @@ def resolve_reference(
     model: DPVAE,
     reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
     spatial_key: str = "spatial",
+    run_reference: ReferenceEmbedding | None = None,
 ) -> ReferenceEmbedding:
     """The reference cells to impute against.
 
     ``reference``: ``None`` for the ``embedding.h5ad`` beside the model's checkpoint (any way of
     loading a run records it), an embedding file or :class:`ReferenceEmbedding`, or an expression
-    ``.h5ad``/AnnData with coordinates, whose cells the model embeds as new cells.
+    ``.h5ad``/AnnData with coordinates, whose cells the model embeds. Cells of an expression
+    reference that are the run's own (``run_reference``, else the ``embedding.h5ad`` beside the
+    checkpoint: the same names at the same positions) keep the run's split, and the run's own
+    radius calibration when they are all of its cells (:func:`with_run_record`); other cells
+    are new to the model.
     """
     from dpvae.io import get_coordinates, read_h5ad
 
@@ -662,7 +737,7 @@ def resolve_reference(
             DPVAEWarning,
             stacklevel=2,
         )
-    return ReferenceEmbedding(
+    fresh = ReferenceEmbedding(
         latent[keep],
         coords[keep],
         None if pcs is None else pcs[keep],
@@ -670,6 +745,50 @@ def resolve_reference(
         genes=model.genes,
         scale=model.scale_value(),
     )
+    if run_reference is None:
+        ckpt = getattr(model, "checkpoint_path", None)
+        beside = Path(ckpt).parent / EMBEDDING_FILE if ckpt else None
+        if beside is not None and beside.exists():
+            run_reference = ReferenceEmbedding.read(beside, model.hparams["latent_dim"])
+    return with_run_record(fresh, run_reference)
+
+
+def with_run_record(
+    fresh: ReferenceEmbedding, run: ReferenceEmbedding | None
+) -> ReferenceEmbedding:
+    """``fresh`` (cells embedded at prediction) with what the run knows of the ones it trained on.
+
+    A cell is the run's when ``run`` has a cell of its name at the same position with the same
+    code (names and even positions repeat across sections: Visium barcodes). Matched cells take the run's split (``in_sample``;
+    unmatched cells are new to the model, so out of sample); when every run cell is matched,
+    the run's own radius calibration is kept too. Without a match ``fresh`` is returned as it is.
+    """
+    import pandas as pd
+
+    if run is None or run.names is None or fresh.names is None or run.in_sample is None:
+        return fresh
+    index = pd.Index(np.asarray(run.names).astype(str))
+    if not index.is_unique:
+        return fresh
+    pos = index.get_indexer(np.asarray(fresh.names).astype(str))
+    found = pos >= 0
+    if not found.any():
+        return fresh
+    same = np.zeros(len(fresh), dtype=bool)
+    here, there = fresh.coords[found], run.coords[pos[found]]
+    if here.shape[1] == there.shape[1] and fresh.latent.shape[1] == run.latent.shape[1]:
+        tol = 1e-6 * max(float(np.abs(there).max()), 1.0)
+        code = np.asarray(run.latent[pos[found]], dtype=np.float64)
+        code_tol = 1e-4 * max(rms_spread(code), 1e-6)
+        same[found] = (np.abs(here - there).max(axis=1) <= tol) & (
+            np.abs(np.asarray(fresh.latent[found], dtype=np.float64) - code).max(axis=1) <= code_tol
+        )
+    if not same.any():
+        return fresh
+    in_sample = np.zeros(len(fresh), dtype=bool)
+    in_sample[same] = np.asarray(run.in_sample, dtype=bool)[pos[same]]
+    whole = int(same.sum()) == len(run) == len(fresh)
+    return replace(fresh, in_sample=in_sample, calibration=run.calibration if whole else None)
 
 
 @dataclass
@@ -752,6 +871,7 @@ def predict(
     seed: int = 0,
     allow_missing_genes: bool = False,
     reference_section: str | None = None,
+    run_reference: ReferenceEmbedding | None = None,
 ) -> Prediction:
     """Coordinates of the query's cells, in the reference's frame (impute) or up to rigid motion.
 
@@ -783,7 +903,7 @@ def predict(
     section: str | None = None
     n_sections = 0
     if mode == "impute":
-        whole = resolve_reference(model, reference, spatial_key)
+        whole = resolve_reference(model, reference, spatial_key, run_reference)
         n_sections = len(whole.sections) if whole.section is not None else 0
         ref, section = whole.select_section(reference_section)
         if k > len(ref):

@@ -50,7 +50,14 @@ def test_fine_tuning_on_13_anchors_then_placing_the_rest(
     assert code == 0
     err = capsys.readouterr().err
     assert "fine-tuning data: 13 cells on the model's" in err
-    assert re.search(r"done: 40 epochs", err)  # the short default schedule
+    # the schedule: the epoch of 0, 5, ..., 40 that placed the held-out folds best
+    chosen = re.search(r"cross-validation \(5 folds\): .* -> (\d+) epochs", err)
+    assert chosen, err
+    errors = dict(re.findall(r"(\d+): ([\d.]+)", err.split("by epoch")[1].split("->")[0]))
+    assert list(map(int, errors)) == list(range(0, 45, 5))
+    assert min(errors.values(), key=float) == errors[chosen.group(1)]
+    if int(chosen.group(1)):
+        assert re.search(rf"done: {chosen.group(1)} epochs", err)
     before = DPVAE.load_from_checkpoint(base)
     after = DPVAE.load_from_checkpoint(run / "model.ckpt")
     assert after.genes == before.genes
@@ -74,6 +81,8 @@ def test_fine_tuning_on_13_anchors_then_placing_the_rest(
     )
     assert code == 0
     placed = ad.read_h5ad(out)
+    # the radius of the fine-tuning's cross-validation, kept for the run's own anchors
+    assert "cross-validation over the 13" in placed.uns["dpvae"]["radius"]["calibration"]
     xy = placed.obsm["spatial_dpvae"]
     truth = placed.obsm["spatial"]
     # placed in the anchors' (shifted) frame, near the truth on average
@@ -130,3 +139,48 @@ def test_bad_fine_tuning_input_is_one_line(
     assert code == 2 and len(err) == 1 and err[0].startswith("dpvae: error: "), err
     assert re.search(message, err[0]), err[0]
     assert not (run / "config.yaml").exists() and not (run / "model.ckpt").exists()
+
+
+def test_cross_validation_calibrates_the_radius_on_cells_no_fit_saw(
+    osmfish_run: dict[str, Path], tmp_path: Path
+) -> None:
+    anchors, rest = _anchors(osmfish_run["query"], tmp_path, n=60)
+    model = dpvae.load(osmfish_run["run"])
+    a, q = ad.read_h5ad(anchors), ad.read_h5ad(rest)
+    truth = q.obsm["spatial"]
+    covered, error = {}, {}
+    for folds in (5, 0):
+        # a learning rate that over-fits 60 anchors in 40 epochs
+        tuned = model.fine_tune(a, f"finetune.folds={folds}", "model.lr=0.003")
+        xy, r = tuned.predict_with_radius(q)
+        ok = np.isfinite(r)
+        e = np.linalg.norm(xy - truth, axis=1)[ok]
+        covered[folds], error[folds] = float(np.mean(e <= r[ok])), float(np.median(e))
+        record = tuned.reference.calibration
+        assert (record is not None) == (folds > 0)
+    # calibrated on anchors it trained on, the radius misses a query it never saw
+    assert covered[0] < 0.8, covered
+    # calibrated on anchors no fold fit saw: the promised 90%
+    assert 0.85 <= covered[5] <= 0.98, covered
+    # and the schedule it chose placed the query no worse than the full one
+    assert error[5] <= error[0] * 1.02, error
+
+
+def test_a_fit_of_no_step_leaves_a_model_to_predict_with(
+    osmfish_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    anchors, rest = _anchors(osmfish_run["query"], tmp_path)
+    base = osmfish_run["run"] / "model.ckpt"
+    run = tmp_path / "kept"
+    args = [f"init_from={base}", f"data.reference={anchors}", f"run_dir={run}"]
+    assert _train([*args, "trainer.max_epochs=0"]) == 0
+    kept = DPVAE.load_from_checkpoint(run / "model.ckpt")
+    before = DPVAE.load_from_checkpoint(base)
+    for name, value in before.state_dict().items():  # lambda is re-fitted when training starts
+        assert name == "scale_initialised" or torch.equal(value, kept.state_dict()[name]), name
+    capsys.readouterr()
+    assert _train([*args, "trainer.max_epochs=0"]) == 0  # the same command: nothing to do
+    assert "already holds a finished run" in capsys.readouterr().err
+    out = tmp_path / "placed.h5ad"
+    assert predict_main([f"checkpoint={run / 'model.ckpt'}", f"query={rest}", f"output={out}"]) == 0
+    assert np.isfinite(ad.read_h5ad(out).obsm["spatial_dpvae"]).all(axis=1).mean() > 0.95

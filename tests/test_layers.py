@@ -17,7 +17,7 @@ FOLDERS["dpvae.callbacks"] = ROOT / "callbacks"
 # the package's __init__ re-exports the API lazily: a front end (importing a submodule imports it
 # as the parent, which is not counted)
 FRONT = {"dpvae", "dpvae.pipeline", "dpvae.api", "dpvae.cli", "dpvae.predict"}
-FRONT |= {"dpvae.run_folder"}
+FRONT |= {"dpvae.run_folder", "dpvae.finetune"}  # finetune: fold fits through the pipeline
 WINGS = ("dpvae.datamodules", "dpvae.callbacks")
 
 

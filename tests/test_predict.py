@@ -203,9 +203,15 @@ def test_neighbours_use_latent_and_expression_pcs(osmfish_small: Path, tmp_path:
     del plain.obs["split"]
     uncalibrated = model.predict(query, reference=plain)
     assert np.nanmax(np.abs(joint - uncalibrated)) > 1e-3
-    # ... an expression reference is embedded as new cells: what the uncalibrated codes give
+    # ... an expression file of those same cells is recognised as the run's (names, positions
+    # and codes) and calibrated as its embedding is ...
     from_expression = model.predict(query, reference=ref[emb.obs_names].copy())
-    np.testing.assert_allclose(from_expression, uncalibrated, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(from_expression, joint, rtol=1e-4, atol=1e-3)
+    # ... while cells at other positions are new cells: what the uncalibrated codes give
+    moved = ref[emb.obs_names].copy()
+    moved.obsm["spatial"] = moved.obsm["spatial"] + 1000.0
+    shifted = model.predict(query, reference=moved) - 1000.0
+    np.testing.assert_allclose(shifted, uncalibrated, rtol=1e-4, atol=1e-3)
 
 
 def test_every_way_of_loading_a_run_predicts_the_same(osmfish_run: dict[str, Path]) -> None:

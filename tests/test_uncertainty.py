@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,13 @@ from scipy.stats import spearmanr
 
 import dpvae
 from dpvae.cli import predict_main
-from dpvae.placement import RADIUS_KEY, ReferenceEmbedding, conformal_radius, place
+from dpvae.placement import (
+    RADIUS_KEY,
+    ReferenceEmbedding,
+    conformal_radius,
+    place,
+    with_run_record,
+)
 from dpvae.preprocess import Preprocessor
 
 
@@ -117,3 +124,45 @@ def test_held_out_calibration_meets_the_query_s_mix_of_codes() -> None:
     radius = record["quantile"] * (spread.numpy() + record["floor"])
     coverage = np.mean(np.linalg.norm(pred - qxy, axis=1) <= radius)
     assert 0.86 <= coverage <= 0.94, coverage
+
+
+def test_an_expression_reference_of_the_run_s_own_cells_keeps_its_split_and_calibration() -> None:
+    rng = np.random.default_rng(0)
+    xy, latent = _tissue(40, rng)
+    names = np.array([f"c{i}" for i in range(40)])
+    record = {"quantile": 2.0, "floor": 0.01, "calibration": "cross-validation"}
+    run = ReferenceEmbedding(
+        latent, xy, in_sample=np.arange(40) < 30, names=names, calibration=record
+    )
+    fresh = ReferenceEmbedding(latent[::-1].copy(), xy[::-1].copy(), names=names[::-1].copy())
+    kept = with_run_record(fresh, run)
+    np.testing.assert_array_equal(kept.in_sample, (np.arange(40) < 30)[::-1])
+    assert kept.calibration == record
+    # a subset: the split, not the calibration made on all of them
+    part = with_run_record(ReferenceEmbedding(latent[:20], xy[:20], names=names[:20]), run)
+    assert part.in_sample is not None and part.in_sample.all() and part.calibration is None
+    # the same names (Visium barcodes repeat across sections) at other positions, or with
+    # other codes: new cells
+    moved = ReferenceEmbedding(latent, xy + 1.0, names=names)
+    assert with_run_record(moved, run) is moved
+    other = ReferenceEmbedding(latent + 0.5, xy, names=names)
+    assert with_run_record(other, run) is other
+
+
+def test_the_embedding_file_keeps_the_run_s_calibration(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    xy, latent = _tissue(30, rng)
+    record = {"coverage": 0.9, "quantile": 1.5, "floor": 0.02, "n_calibration": 30}
+    emb = ReferenceEmbedding(
+        latent,
+        xy,
+        in_sample=np.ones(30, dtype=bool),
+        names=np.array([f"c{i}" for i in range(30)]),
+        calibration=record,
+    )
+    back = ReferenceEmbedding.read(emb.write(tmp_path / "embedding.h5ad"))
+    assert back.calibration == record
+    model = _stub_model()
+    # prediction uses it rather than calibrating on the (training) cells again
+    assert conformal_radius(model, back) == record
+    assert conformal_radius(model, replace(back, calibration=None)) != record
