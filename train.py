@@ -8,9 +8,7 @@ composition root, :func:`dpvae.pipeline.train`.
 
 from __future__ import annotations
 
-import sys
-
-from dpvae.cli import train_main
+from dpvae.cli import train_entry
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_entry()

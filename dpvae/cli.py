@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -436,3 +436,38 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         work=predict_work,
         extra_keys=False,
     )
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a command's process with ``code``, its exit handlers run but its modules not torn down.
+
+    After torch and Lightning, the interpreter's shutdown spends 1.3-1.5 s (on 2 cores) clearing
+    modules from a process that is ending anyway: a third of a small run's command. The standard
+    streams are flushed and the exit handlers run (W&B's run, logging, multiprocessing's
+    children), then ``os._exit`` ends the process. Only the commands' entry points call it,
+    after their work has returned; the Python API and the tests never do.
+    """
+    import atexit
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing left to say
+                pass
+        os._exit(code)
+
+
+def train_entry() -> NoReturn:
+    """The ``dpvae-train`` console script (:func:`train_main`, then :func:`exit_now`)."""
+    exit_now(train_main())
+
+
+def predict_entry() -> NoReturn:
+    """The ``dpvae-predict`` console script (:func:`predict_main`, then :func:`exit_now`)."""
+    exit_now(predict_main())

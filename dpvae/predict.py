@@ -6,11 +6,10 @@ Python, use :func:`dpvae.load` and :meth:`dpvae.Model.predict`.
 
 from __future__ import annotations
 
-import sys
-
+from dpvae.cli import predict_entry
 from dpvae.cli import predict_main as main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    predict_entry()

@@ -139,3 +139,19 @@ def test_existing_run_is_not_overwritten(
     assert code == 2
     assert "already holds model.ckpt" in capsys.readouterr().err
     assert (tmp_path / "model.ckpt").read_bytes() == b"precious"
+
+
+def test_a_command_s_fast_exit_keeps_its_status_output_and_exit_handlers() -> None:
+    """exit_now skips the interpreter's module teardown, not what a process must finish."""
+    code = (
+        "import atexit, sys\n"
+        "from dpvae.cli import exit_now\n"
+        "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+        "print('unflushed', end='')\n"
+        "exit_now(3)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "unflushed"
+    assert proc.stderr.strip() == "handler ran"

@@ -316,6 +316,21 @@ def test_a_failing_method_is_recorded_not_raised() -> None:
         assert B.run_method("celery", r, q, "impute", 0).status == "not installed"
 
 
+def test_the_two_commands_place_cells_as_the_python_api_does() -> None:
+    """dpvae_cli (train.py, then dpvae.predict, each a new process) is the API's fit_predict."""
+    a = ad.read_h5ad(embedded_path("osmfish"))[:700].copy()
+    r, q = B.method_inputs(a[:600], a[600:])
+    extras = {"dpvae_overrides": ("trainer.max_epochs=3", "model.warmup_epochs=1")}
+    api = B.run_method("dpvae", r, q, "impute", 0, timeout=300, threads=1, extras=extras)
+    cli = B.run_method("dpvae_cli", r, q, "impute", 0, timeout=300, threads=1, extras=extras)
+    assert api.status == cli.status == "ok", (api.status, cli.status)
+    assert api.coords is not None and cli.coords is not None
+    np.testing.assert_allclose(cli.coords, api.coords, rtol=1e-5, atol=1e-3)
+    assert api.radius is not None and cli.radius is not None
+    np.testing.assert_allclose(cli.radius, api.radius, rtol=1e-5)
+    assert cli.wall_s > api.wall_s  # two processes' start-up on top
+
+
 def test_smoke_run_writes_csv_markdown_and_figures(tmp_path: Path) -> None:
     full = ad.read_h5ad(embedded_path("osmfish"))
     keep = np.argsort(np.linalg.norm(full.obsm["spatial"] - full.obsm["spatial"].mean(0), axis=1))
