@@ -231,8 +231,10 @@ def train_work(cfg: DictConfig) -> int:
     if resume and cfg.trainer.max_epochs not in (None, -1):
         done_epochs = resume.epoch + 1
         same_data = record.get("config", {}).get("data") == plain.get("data")
+        from dpvae.finetune import folds_of
+
         chosen = cfg.trainer.max_epochs
-        if cfg.get("finetune") and int(cfg.finetune.get("folds") or 0) >= 2:
+        if folds_of(cfg) >= 2:
             chosen = min(chosen, record.get("finetune", {}).get("epochs", chosen))  # by its CV
         ended = done_epochs >= chosen or resume.stopped_early
         finished = ended and (run_dir / EMBEDDING_FILE).exists()
@@ -451,8 +453,6 @@ def exit_now(code: int) -> NoReturn:
     import os
 
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

@@ -79,6 +79,11 @@ class CrossValidation:
         )
 
 
+def folds_of(cfg: DictConfig) -> int:
+    """``cfg.finetune.folds`` (0 when the section or the key is absent or null)."""
+    return int((cfg.get("finetune") or {}).get("folds", 0) or 0)
+
+
 def _probe_epochs(max_epochs: int, every: int) -> list[int]:
     """Epochs at which the held-out fold is placed: 0, every, 2 every, ..., max_epochs."""
     return sorted({0, max_epochs, *range(every, max_epochs, every)})
@@ -189,7 +194,7 @@ def cross_validate(cfg: DictConfig, data: Any, init: DPVAE) -> CrossValidation |
     from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, radius_record, spread_floor
 
     spec = cfg.get("finetune") or {}
-    folds = int(spec.get("folds", 0) or 0)
+    folds = folds_of(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
     if folds < 2 or max_epochs in (None, -1):
         return None

@@ -264,10 +264,10 @@ def train(
     if init is not None:
         from omegaconf import OmegaConf
 
-        from dpvae.finetune import CrossValidation, cross_validate
+        from dpvae.finetune import CrossValidation, cross_validate, folds_of
 
         done_before = (previous or {}).get("finetune")
-        folds = int((cfg.get("finetune") or {}).get("folds", 0) or 0)
+        folds = folds_of(cfg)
         cv = CrossValidation.from_record(done_before) if done_before and folds >= 2 else None
         notes = getattr(data, "notes", None)
         if cv is None and _one_process(cfg):

@@ -700,7 +700,7 @@ def resolve_reference(
     loading a run records it), an embedding file or :class:`ReferenceEmbedding`, or an expression
     ``.h5ad``/AnnData with coordinates, whose cells the model embeds. Cells of an expression
     reference that are the run's own (``run_reference``, else the ``embedding.h5ad`` beside the
-    checkpoint: the same names at the same positions) keep the run's split, and the run's own
+    checkpoint: the same names at the same positions with the same codes) keep the run's split, and the run's own
     radius calibration when they are all of its cells (:func:`with_run_record`); other cells
     are new to the model.
     """
@@ -709,13 +709,12 @@ def resolve_reference(
     if isinstance(reference, ReferenceEmbedding):
         return reference
     if reference is None:
-        ckpt = getattr(model, "checkpoint_path", None)
-        if not ckpt:
+        reference = _beside_checkpoint(model)
+        if reference is None:
             raise DataError(
                 "no reference cells: this model was not loaded from a run folder; pass "
                 "reference=REF.h5ad (cells with coordinates) or load it with dpvae.load(RUN_DIR)"
             )
-        reference = Path(ckpt).parent / EMBEDDING_FILE
         if not reference.exists():
             raise DataError(
                 f"{reference} not found next to the checkpoint; pass reference=REF.h5ad"
@@ -746,11 +745,17 @@ def resolve_reference(
         scale=model.scale_value(),
     )
     if run_reference is None:
-        ckpt = getattr(model, "checkpoint_path", None)
-        beside = Path(ckpt).parent / EMBEDDING_FILE if ckpt else None
+        beside = _beside_checkpoint(model)
         if beside is not None and beside.exists():
             run_reference = ReferenceEmbedding.read(beside, model.hparams["latent_dim"])
     return with_run_record(fresh, run_reference)
+
+
+def _beside_checkpoint(model: DPVAE) -> Path | None:
+    """The run's ``embedding.h5ad`` path beside the model's checkpoint (``None``: the model was
+    not loaded from a file)."""
+    ckpt = getattr(model, "checkpoint_path", None)
+    return Path(ckpt).parent / EMBEDDING_FILE if ckpt else None
 
 
 def with_run_record(
@@ -759,9 +764,9 @@ def with_run_record(
     """``fresh`` (cells embedded at prediction) with what the run knows of the ones it trained on.
 
     A cell is the run's when ``run`` has a cell of its name at the same position with the same
-    code (names and even positions repeat across sections: Visium barcodes). Matched cells take the run's split (``in_sample``;
-    unmatched cells are new to the model, so out of sample); when every run cell is matched,
-    the run's own radius calibration is kept too. Without a match ``fresh`` is returned as it is.
+    code (names and even positions repeat across sections: Visium barcodes). Matched cells take
+    the run's split (``in_sample``; unmatched cells are new to the model, so out of sample); when
+    every run cell is matched, the run's own radius calibration is kept too. Without a match ``fresh`` is returned as it is.
     """
     import pandas as pd
 
