@@ -687,10 +687,16 @@ def _dpvae_commands(
 
 
 def _fingerprint(adata: ad.AnnData, seed: int, overrides: Sequence[str]) -> str:
-    """A digest of a training section (genes, cells, expression, coordinates), seed, overrides."""
+    """A digest of a training section (genes, cells, expression, coordinates), seed, overrides
+    and dpvae's default training configuration (a changed default retrains the cached models)."""
     import hashlib
 
+    from omegaconf import OmegaConf
+
+    from dpvae.config import load_config
+
     h = hashlib.sha256()
+    h.update(OmegaConf.to_yaml(load_config([])).encode())
     h.update("\0".join(map(str, adata.var_names)).encode())
     h.update("\0".join(map(str, adata.obs_names)).encode())
     X = adata.X

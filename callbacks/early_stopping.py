@@ -1,4 +1,4 @@
-"""Early stopping that waits until the distance regularizer is on."""
+"""Early stopping that waits until the distance regularizer is on and checks where a score exists."""
 
 from __future__ import annotations
 
@@ -7,28 +7,82 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping
 
+from .spatial_validation import SpatialValidation
+
 
 class WarmupEarlyStopping(EarlyStopping):
-    """:class:`lightning.pytorch.callbacks.EarlyStopping` that ignores the plain-VAE warm-up epochs.
+    """:class:`lightning.pytorch.callbacks.EarlyStopping` that ignores the plain-VAE warm-up epochs,
+    checks every ``every_n_epochs`` epochs, and checks a spatial score only where it exists.
 
-    During ``model.warmup_epochs`` the model is not yet distance-preserving, so its spatial scores
-    say nothing about when to stop; patience only starts counting once the regularizer is on.
-    Takes the keyword arguments of ``EarlyStopping``; ``monitor=None`` turns it off.
+    During ``model.warmup_epochs`` the model is not yet distance-preserving, so its scores say
+    nothing about when to stop; patience only starts counting once the regularizer is on. The
+    check runs on every ``every_n_epochs``-th epoch (``patience`` counts checks), and on a
+    monitor of :class:`SpatialValidation` (``val/dist_pearson``, ...) only on the epochs it placed
+    the validation cells (``callbacks.spatial.every_n_epochs``): Lightning's own callback would
+    count the epochs in between, reading the last placement's value again.
+
+    The default rule (``conf/train.yaml``, chosen on the dev benchmark with
+    ``python -m benchmarks.stopping``): every 5 epochs after the warm-up, stop once the held-out
+    cells' ``val/loss`` has not fallen for 2 checks. Takes the keyword arguments of
+    ``EarlyStopping``; ``monitor=None`` turns it off (the fixed schedule, ``trainer.max_epochs``).
     """
 
-    def __init__(self, monitor: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        monitor: str | None = "val/loss",
+        every_n_epochs: int = 5,
+        patience: int = 2,
+        min_delta: float = 0.0,
+        mode: str = "min",
+        **kwargs: Any,
+    ) -> None:
+        from dpvae.errors import require, require_at_least
+
+        require(
+            mode in ("min", "max"),
+            f"callbacks.early_stopping.mode must be min or max, got {mode!r}",
+        )
+        require_at_least(
+            "callbacks.early_stopping", every_n_epochs=(every_n_epochs, 1), patience=(patience, 1)
+        )
         self.enabled = bool(monitor)
-        super().__init__(monitor=monitor or "val/loss", **kwargs)
+        self.every_n_epochs = int(every_n_epochs)
+        super().__init__(
+            monitor=monitor or "val/loss",
+            patience=patience,
+            min_delta=min_delta,
+            mode=mode,
+            **kwargs,
+        )
+
+    @property
+    def spatial(self) -> bool:
+        """The monitor is one of :class:`SpatialValidation`'s scores."""
+        return self.monitor.startswith("val/") and self.monitor[4:] in SpatialValidation.METRICS
 
     @staticmethod
     def _in_warmup(pl_module: L.LightningModule) -> bool:
         warmup = int(getattr(pl_module, "hparams", {}).get("warmup_epochs", 0))
         return pl_module.current_epoch < warmup
 
+    def _due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        if not self.enabled or self._in_warmup(pl_module):
+            return False
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return False
+        if not self.spatial:
+            return True
+        return any(
+            isinstance(cb, SpatialValidation)
+            and cb.latest is not None
+            and cb.latest[0] == trainer.current_epoch
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+        )
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and not self._in_warmup(pl_module):
+        if self._due(trainer, pl_module):
             super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and not self._in_warmup(pl_module):
+        if self._due(trainer, pl_module):
             super().on_train_epoch_end(trainer, pl_module)

@@ -24,6 +24,24 @@ CURVES = {
 SPATIAL = ("dist_pearson", "knn10", "median_error", "distortion_p95_p5")
 
 
+def stopped_early(trainer: L.Trainer) -> str:
+    """``"; stopped early ..."`` when an early-stopping callback ended the run, else ``""``."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
+            every = getattr(cb, "every_n_epochs", 1)
+            checks = f"{cb.patience} checks" + (
+                f" ({cb.patience * every} epochs)" if every > 1 else ""
+            )
+            return (
+                f"; stopped early after epoch {cb.stopped_epoch + 1} of {trainer.max_epochs}: "
+                f"{cb.monitor} no better for {checks} "
+                "(callbacks.early_stopping.monitor=null runs them all)"
+            )
+    return ""
+
+
 class Report(L.Callback):
     """Prints the run's progress in plain lines and draws ``dirpath/training.png`` at the end.
 
@@ -128,7 +146,7 @@ class Report(L.Callback):
         if not trainer.is_global_zero or not self.history:
             return
         where = f" -> {self.dirpath}" if self.dirpath else ""
-        self._say(trainer, f"done: {self.summary()}{where}")
+        self._say(trainer, f"done: {self.summary()}{stopped_early(trainer)}{where}")
         if self.dirpath is not None:
             from dpvae.plotting import plot_training
 

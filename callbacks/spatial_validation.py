@@ -52,7 +52,8 @@ class SpatialValidation(L.Callback):
 
     Args:
         every_n_epochs: run on every n-th validation epoch (and always on the last one); every
-            epoch when a checkpoint or early-stopping callback monitors one of these metrics.
+            epoch when a checkpoint or best-weights callback monitors one of these metrics
+            (early stopping checks them on the epochs they are computed).
         k: reference neighbours per validation cell.
         max_reference: at most this many training cells (a seeded subsample) serve as reference.
         max_query: at most this many validation cells (a seeded subsample) are placed and scored.
@@ -107,8 +108,15 @@ class SpatialValidation(L.Callback):
     )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # a checkpoint or early-stopping monitor on one of these metrics needs them every epoch
-        watched = {getattr(cb, "monitor", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        # a checkpoint or best-weights monitor on one of these metrics needs them every epoch
+        # (early stopping checks them on the epochs they are computed: WarmupEarlyStopping)
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        watched = {
+            getattr(cb, "monitor", None)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if not isinstance(cb, EarlyStopping)
+        }
         if watched & {f"val/{m}" for m in self.METRICS}:
             self.every_n_epochs = 1
         self._groups.clear()

@@ -218,7 +218,7 @@ def _parse_override(text: str) -> tuple[str, Any, bool]:
 
 
 #: keys besides sections and ``trainer.*`` where null means a library's default
-NULLABLE = ("threads",)
+NULLABLE = ("threads", "callbacks.early_stopping.monitor")
 #: text keys that also take a list of texts (several files)
 TEXT_OR_LIST = ("data.reference",)
 #: root-file section of profiles: ``{KEY: {dotted key: value}}``, values that replace defaults

@@ -185,17 +185,31 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
     Raises:
         ConfigError: naming the monitor, the callback's key and the metrics that exist.
     """
-    from dpvae.callbacks import SpatialValidation
+    from dpvae.callbacks import SpatialValidation, WarmupEarlyStopping
 
     has_val = len(data.cells("val")) > 0
+    placed = has_val and any(isinstance(cb, SpatialValidation) for cb in callbacks)
     logged = {f"train/{t}{s}" for t in TERMS for s in ("_step", "_epoch")}
     if has_val:
         logged |= {f"val/{t}" for t in TERMS}
-        if any(isinstance(cb, SpatialValidation) for cb in callbacks):
+        if placed:
             logged |= {f"val/{m}" for m in SpatialValidation.METRICS}
     for cb in callbacks:
         monitor = getattr(cb, "monitor", None)
         if not monitor or not getattr(cb, "enabled", True):
+            continue
+        stopping = isinstance(cb, WarmupEarlyStopping)
+        if stopping and monitor.startswith("val/") and monitor not in logged:
+            # the stopping rule (on by default) needs validation cells (placed, for a spatial
+            # score): without them the run keeps its fixed schedule, and says so
+            cb.enabled = False
+            notes = getattr(data, "notes", None)
+            if isinstance(notes, list):
+                why = "no validation cells" if not has_val else "callbacks.spatial is off"
+                notes.append(
+                    f"early stopping on {monitor} is off ({why}): the fixed schedule "
+                    "(trainer.max_epochs) runs"
+                )
             continue
         if monitor not in logged:
             why = (

@@ -65,8 +65,16 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["callbacks.checkpoint.monitor=val/dist_pearsn"],
             "monitors 'val/dist_pearsn', which this run does not log",
         ),
+        "stopping_mode": (
+            ["callbacks.early_stopping.mode=up"],
+            "callbacks.early_stopping.mode must be min or max, got 'up'",
+        ),
+        "stopping_patience": (
+            ["callbacks.early_stopping.patience=0"],
+            "callbacks.early_stopping.patience must be at least 1",
+        ),
         "monitor_no_val": (
-            ["data.val_fraction=0", "callbacks.early_stopping.monitor=val/loss"],
+            ["data.val_fraction=0", "callbacks.checkpoint.monitor=val/loss"],
             "no validation cells",
         ),
         "unknown_option": (
@@ -92,6 +100,8 @@ CASES = [
     "embedding_batch",
     "monitor_typo",
     "monitor_no_val",
+    "stopping_mode",
+    "stopping_patience",
 ]
 
 

@@ -257,6 +257,10 @@ HELP_CASES = {
         ("torch", "anndata", "h5py"),
         ("out=???", "n_cells=", "density=0.1", "sections=1", "dense=false"),
     ),
+    "benchmarks.stopping": (
+        ("torch", "anndata"),
+        ("replay=[]", "out=bench_out/stop", "seeds=[0,1,2]", "tasks=[impute,transfer]"),
+    ),
     "benchmarks.scale": (
         ("torch", "anndata", "h5py"),
         ("cells=[100000,250000,1000000]", "modes=[memory,streaming]", "max_rss_gb=12.0"),

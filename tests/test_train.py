@@ -186,8 +186,9 @@ def test_best_weights_restores_the_best_epoch() -> None:
 
 
 def test_early_stopping_on_spatial_metric(osmfish_small: Path, tmp_path: Path) -> None:
-    """Monitoring val/dist_pearson makes the spatial callback run every epoch, so it never lacks;
-    patience counts only after the warm-up (epoch 1 here)."""
+    """A checkpoint monitoring val/dist_pearson makes the spatial callback run every epoch, so an
+    every-epoch stopping check never lacks it; patience counts only after the warm-up (epoch 1
+    here)."""
     run_dir = run_train(
         [
             *FAST,
@@ -199,6 +200,7 @@ def test_early_stopping_on_spatial_metric(osmfish_small: Path, tmp_path: Path) -
             "callbacks.early_stopping.monitor=val/dist_pearson",
             "callbacks.early_stopping.mode=max",
             "callbacks.early_stopping.patience=1",
+            "callbacks.early_stopping.every_n_epochs=1",
             "callbacks.checkpoint.monitor=val/dist_pearson",
             "callbacks.checkpoint.mode=max",
         ]
