@@ -239,9 +239,14 @@ def train_work(cfg: DictConfig) -> int:
         ended = done_epochs >= chosen or resume.stopped_early
         finished = ended and (run_dir / EMBEDDING_FILE).exists()
         if finished and same_data:
+            how = (
+                "the stopping rule ended it"
+                if resume.stopped_early and done_epochs < chosen
+                else "a larger trainer.max_epochs continues it"
+            )
             print(
                 f"dpvae: {run_dir} already holds a finished run ({done_epochs} epochs); nothing to "
-                "do (a larger trainer.max_epochs continues it, another run_dir starts anew)",
+                f"do ({how}; another run_dir starts anew)",
                 file=sys.stderr,
             )
             return 0

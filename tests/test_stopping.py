@@ -114,20 +114,27 @@ def _stopped(reference: Path, run_dir: Path, *args: str) -> tuple[int, dict]:
     return int(ckpt["epoch"]), state
 
 
+STOP_AT_ONCE = (
+    "callbacks.spatial.every_n_epochs=100",
+    "callbacks.early_stopping.patience=1",
+    "callbacks.early_stopping.min_delta=1000",  # no check improves by that: stop at once
+)
+
+
 def test_the_default_rule_checks_every_fifth_epoch_after_the_warmup(
     osmfish_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    epoch, state = _stopped(
-        osmfish_small,
-        tmp_path / "run",
-        "callbacks.spatial.every_n_epochs=100",
-        "callbacks.early_stopping.patience=1",
-        "callbacks.early_stopping.min_delta=1000",  # no check improves by that: stop at once
-    )
+    epoch, state = _stopped(osmfish_small, tmp_path / "run", *STOP_AT_ONCE)
     # val/loss checks at epochs 5, 10, ...: the first sets the best, the second stops the run
     assert epoch == 9 and state["stopped_epoch"] == 9 and state["wait_count"] == 1
     err = capsys.readouterr().err
     assert "stopped early after epoch 10 of 40: val/loss no better for 1 checks (5 epochs)" in err
+    # the same command again: a finished run, ended by the rule, not resumed
+    again = _stopped(osmfish_small, tmp_path / "run", *STOP_AT_ONCE)
+    assert again == (epoch, state)
+    assert "finished run (10 epochs); nothing to do (the stopping rule ended it" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_spatial_monitor_is_checked_where_cells_were_placed(
