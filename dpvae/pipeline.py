@@ -189,6 +189,7 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
 
     has_val = len(data.cells("val")) > 0
     placed = has_val and any(isinstance(cb, SpatialValidation) for cb in callbacks)
+    validation = {f"val/{t}" for t in TERMS} | {f"val/{m}" for m in SpatialValidation.METRICS}
     logged = {f"train/{t}{s}" for t in TERMS for s in ("_step", "_epoch")}
     if has_val:
         logged |= {f"val/{t}" for t in TERMS}
@@ -199,7 +200,7 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
         if not monitor or not getattr(cb, "enabled", True):
             continue
         stopping = isinstance(cb, WarmupEarlyStopping)
-        if stopping and monitor.startswith("val/") and monitor not in logged:
+        if stopping and monitor in validation and monitor not in logged:
             # the stopping rule (on by default) needs validation cells (placed, for a spatial
             # score): without them the run keeps its fixed schedule, and says so
             cb.enabled = False

@@ -65,6 +65,10 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["callbacks.checkpoint.monitor=val/dist_pearsn"],
             "monitors 'val/dist_pearsn', which this run does not log",
         ),
+        "stopping_monitor_typo": (
+            ["callbacks.early_stopping.monitor=val/los"],
+            "WarmupEarlyStopping monitors 'val/los', which this run does not log",
+        ),
         "stopping_mode": (
             ["callbacks.early_stopping.mode=up"],
             "callbacks.early_stopping.mode must be min or max, got 'up'",
@@ -100,6 +104,7 @@ CASES = [
     "embedding_batch",
     "monitor_typo",
     "monitor_no_val",
+    "stopping_monitor_typo",
     "stopping_mode",
     "stopping_patience",
 ]
