@@ -86,14 +86,24 @@ def trace_unit(
             "data.reference=<AnnData in memory>",
             f"seed={seed}",
             *overrides,
-            "callbacks.early_stopping.monitor=null",  # the fixed schedule, whatever the overrides
         ]
     )
+    if (
+        cfg.callbacks.get("early_stopping") is not None
+    ):  # the fixed schedule, whatever the overrides
+        cfg.callbacks.early_stopping.monitor = None
     tracer = _tracer()
     t0 = time.perf_counter()
     with _quiet_lightning(False):
         done = pipeline.train(cfg, reference=ref_in, extra_callbacks=[tracer])
     fit_s = time.perf_counter() - t0
+    if not tracer.snapshots:
+        from dpvae.errors import DataError
+
+        raise DataError(
+            "no epoch was scored: the trace needs validation cells (data.val_fraction > 0) "
+            "and callbacks.spatial"
+        )
     module = done.model.cpu().eval()
     rows = []
     for epoch, seconds, metrics, state in tracer.snapshots:
@@ -172,6 +182,7 @@ class Rule:
     warmup: int = 10
     best: bool = False
     min_epochs: int = 0
+    every: int = 5
 
     @property
     def name(self) -> str:
@@ -182,24 +193,32 @@ class Rule:
         )
 
     def stop(self, values: Sequence[float], epochs: Sequence[int]) -> tuple[int, int]:
-        """``(index stopped at, index of the weights kept)`` along one run's validations, by the
-        rules of Lightning's ``EarlyStopping`` (an improvement beats the best by more than
-        ``min_delta``; ``patience`` validations without one stop) and of
-        :class:`dpvae.callbacks.BestWeights` (the highest value kept)."""
+        """``(index stopped at, index of the weights kept)`` along one run's validations (the
+        epochs that are multiples of ``every``), by the rules of Lightning's ``EarlyStopping``
+        (an improvement beats the best by more than ``min_delta``; ``patience`` checks without
+        one, or a non-finite value, decide the stop, which then holds until ``min_epochs``) and
+        of :class:`dpvae.callbacks.BestWeights` (the highest value kept, among these epochs:
+        a run monitoring a placement score for its best weights places cells every epoch)."""
         sign = 1.0 if self.mode == "max" else -1.0
-        best, waited = -math.inf, 0
+        best, waited, decided = -math.inf, 0, False
         kept, kept_value = -1, -math.inf
         for i, (value, epoch) in enumerate(zip(values, epochs, strict=True)):
+            if epoch % self.every:
+                continue
             v = sign * value
             if v > kept_value:  # BestWeights sees every validation, the warm-up's too
                 kept, kept_value = i, v
             if epoch <= self.warmup:
                 continue
-            if v - self.min_delta > best:
-                best, waited = v, 0
-            else:
-                waited += 1
-            if waited >= self.patience and epoch >= self.min_epochs:
+            if not decided:
+                if not math.isfinite(v):
+                    decided = True
+                elif v - self.min_delta > best:
+                    best, waited = v, 0
+                else:
+                    waited += 1
+                    decided = waited >= self.patience
+            if decided and epoch >= self.min_epochs:
                 return i, kept if self.best else i
         last = len(values) - 1
         return last, kept if self.best else last
@@ -265,6 +284,7 @@ def default_rule() -> Rule | None:
         int(spec.get("patience", 3)),
         float(spec.get("min_delta", 0.0)),
         int(cfg.model.warmup_epochs),
+        every=int(spec.get("every_n_epochs", 1)),
     )
 
 

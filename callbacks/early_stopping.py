@@ -22,8 +22,8 @@ class WarmupEarlyStopping(EarlyStopping):
     count the epochs in between, reading the last placement's value again.
 
     The default rule (``conf/train.yaml``, chosen on the dev benchmark with
-    ``python -m benchmarks.stopping``): every 5 epochs after the warm-up, stop once the held-out
-    cells' ``val/loss`` has not fallen for 2 checks. Takes the keyword arguments of
+    ``python -m benchmarks.stopping``): at every 5th epoch (5, 10, ...) once the warm-up is over,
+    stop once the held-out cells' ``val/loss`` has not fallen for 2 checks. Takes the keyword arguments of
     ``EarlyStopping``; ``monitor=None`` turns it off (the fixed schedule, ``trainer.max_epochs``).
     """
 
@@ -78,6 +78,19 @@ class WarmupEarlyStopping(EarlyStopping):
             and cb.latest[0] == trainer.current_epoch
             for cb in trainer.callbacks  # type: ignore[attr-defined]
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint's progress (best, wait, stop), but the configured ``patience``: Lightning
+        would restore the saved one, so a resumed run could not change it."""
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # resumed from a checkpoint of a run this rule ended (say, interrupted before its
+        # embedding was written): it stays ended instead of training on to the next check
+        if self.enabled and self.stopped_epoch > 0:
+            trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._due(trainer, pl_module):

@@ -31,12 +31,15 @@ def stopped_early(trainer: L.Trainer) -> str:
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
             every = getattr(cb, "every_n_epochs", 1)
-            checks = f"{cb.patience} checks" + (
+            why = f"{cb.monitor} no better for {cb.patience} checks" + (
                 f" ({cb.patience * every} epochs)" if every > 1 else ""
             )
+            if cb.stopping_reason_message and "not finite" in cb.stopping_reason_message:
+                why = f"{cb.monitor} is not finite"
+            # epochs trained (a trainer.min_epochs may go on past the decision)
+            last = max(trainer.current_epoch, cb.stopped_epoch + 1)
             return (
-                f"; stopped early after epoch {cb.stopped_epoch + 1} of {trainer.max_epochs}: "
-                f"{cb.monitor} no better for {checks} "
+                f"; stopped early after epoch {last} of {trainer.max_epochs}: {why} "
                 "(callbacks.early_stopping.monitor=null runs them all)"
             )
     return ""

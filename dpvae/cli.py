@@ -237,7 +237,7 @@ def train_work(cfg: DictConfig) -> int:
         if folds_of(cfg) >= 2:
             chosen = min(chosen, record.get("finetune", {}).get("epochs", chosen))  # by its CV
         ended = done_epochs >= chosen or resume.stopped_early
-        finished = ended and (run_dir / EMBEDDING_FILE).exists()
+        finished = ended and ((run_dir / EMBEDDING_FILE).exists() or not cfg.embedding.write)
         if finished and same_data:
             how = (
                 "the stopping rule ended it"

@@ -27,6 +27,10 @@ def test_rule_counts_validations_after_the_warmup() -> None:
     assert best.stop([0.1, 0.2, 0.6, 0.5, 0.4, 0.9, 0.9], epochs) == (4, 2)
     late = Rule("val_dist_pearson", "max", patience=1, warmup=10, min_epochs=30)
     assert late.stop([0.1, 0.2, 0.6, 0.5, 0.4, 0.3, 0.2], epochs) == (5, 5)
+    # as in Lightning, a stop once decided holds until min_epochs, whatever comes after it
+    assert late.stop([0.1, 0.2, 0.6, 0.5, 0.7, 0.8, 0.9], epochs) == (5, 5)
+    # a non-finite score stops at once
+    assert rule.stop([0.1, 0.2, 0.6, float("nan"), 0.7, 0.8, 0.9], epochs) == (3, 3)
     # a loss (mode min) improves by falling
     loss = Rule("val_loss", "min", patience=2, warmup=10)
     assert loss.stop([9.0, 9.0, 5.0, 4.0, 4.5, 4.2, 3.0], epochs) == (5, 5)
@@ -86,7 +90,7 @@ def test_a_stopped_run_is_the_trace_at_its_epoch(
     rows = trace_unit(ref_in, query_in, "impute", 0, T, ref_in.obsm["spatial"], SCHEDULE)
     epochs = [r["epoch"] for r in rows]
     assert epochs == [2, 4, 6, 8, 10, 12]
-    rule = Rule("val_dist_pearson", "max", patience=1, min_delta=0.05, warmup=2)
+    rule = Rule("val_dist_pearson", "max", patience=1, min_delta=0.05, warmup=2, every=2)
     stop_i, keep_i = rule.stop([r["val_dist_pearson"] for r in rows], epochs)
     assert stop_i < len(rows) - 1  # it stops before the fixed schedule's end
     model = dpvae.fit(ref_in, "seed=0", *SCHEDULE)
@@ -135,6 +139,18 @@ def test_the_default_rule_checks_every_fifth_epoch_after_the_warmup(
     assert "finished run (10 epochs); nothing to do (the stopping rule ended it" in (
         capsys.readouterr().err
     )
+
+    # interrupted before its embedding was written: resuming writes it and trains no further
+    def steps() -> int:
+        ckpt = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True, map_location="cpu")
+        return int(ckpt["global_step"])
+
+    before = steps()
+    (tmp_path / "run" / "embedding.h5ad").unlink()
+    _, state_after = _stopped(osmfish_small, tmp_path / "run", *STOP_AT_ONCE)
+    assert steps() == before and state_after["stopped_epoch"] == 9
+    assert (tmp_path / "run" / "embedding.h5ad").exists()
+    assert "stopped early after epoch 10 of 40" in capsys.readouterr().err
 
 
 def test_a_spatial_monitor_is_checked_where_cells_were_placed(
