@@ -4,9 +4,9 @@ at every spatial validation, every candidate rule replayed on those numbers.
     python -m benchmarks.stopping data_dir=../shared/data seeds=0,1,2 datasets=all out=bench_out/stop
     python -m benchmarks.stopping replay=[bench_out/stop_A,bench_out/stop_B] out=bench_out/stop
 
-Keys: ``benchmarks/conf/stopping.yaml`` (``--help``). Each impute and transfer unit of the protocol (its splits and hygiene) is fit once
-through :func:`dpvae.pipeline.train` with the fixed schedule (``trainer.max_epochs``, 60) and the
-stopping rule off. At every epoch :class:`dpvae.callbacks.SpatialValidation` scores (every 5th) the
+Keys: ``benchmarks/conf/stopping.yaml`` (``--help``). Each impute and transfer unit of the
+protocol (its splits and hygiene) is fit once through :func:`dpvae.pipeline.train` with the fixed
+schedule (``trainer.max_epochs``, 60) and the stopping rule off. At every epoch :class:`dpvae.callbacks.SpatialValidation` scores (every 5th) the
 weights are copied; after the fit each copy places the unit's query as
 :func:`dpvae.api.fit_predict` does and the protocol scores it. Training draws the same random
 numbers whether or not a rule stops it (no learning-rate schedule; the stopping callback draws
@@ -38,6 +38,8 @@ TRACE_FILE = "trace.csv"
 def _tracer() -> Any:
     import lightning as L
 
+    from dpvae.callbacks import SpatialValidation
+
     class Trace(L.Callback):
         """Copy the weights and the logged scalars at every epoch SpatialValidation scored."""
 
@@ -48,12 +50,7 @@ def _tracer() -> Any:
             self.t0 = time.perf_counter()
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            spatial = next(
-                (cb for cb in trainer.callbacks if type(cb).__name__ == "SpatialValidation"), None
-            )
-            if trainer.sanity_checking or spatial is None or spatial.latest is None:
-                return
-            if spatial.latest[0] != trainer.current_epoch:
+            if trainer.sanity_checking or SpatialValidation.placed_now(trainer) is None:
                 return
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -88,9 +85,8 @@ def trace_unit(
             *overrides,
         ]
     )
-    if (
-        cfg.callbacks.get("early_stopping") is not None
-    ):  # the fixed schedule, whatever the overrides
+    # the fixed schedule, whatever the overrides
+    if cfg.callbacks.get("early_stopping") is not None:
         cfg.callbacks.early_stopping.monitor = None
     tracer = _tracer()
     t0 = time.perf_counter()
@@ -280,11 +276,11 @@ def default_rule() -> Rule | None:
         return None
     return Rule(
         str(spec.monitor).replace("/", "_"),
-        str(spec.get("mode", "min")),
-        int(spec.get("patience", 3)),
-        float(spec.get("min_delta", 0.0)),
+        str(spec.mode),
+        int(spec.patience),
+        float(spec.min_delta),
         int(cfg.model.warmup_epochs),
-        every=int(spec.get("every_n_epochs", 1)),
+        every=int(spec.every_n_epochs),
     )
 
 

@@ -23,8 +23,9 @@ class WarmupEarlyStopping(EarlyStopping):
 
     The default rule (``conf/train.yaml``, chosen on the dev benchmark with
     ``python -m benchmarks.stopping``): at every 5th epoch (5, 10, ...) once the warm-up is over,
-    stop once the held-out cells' ``val/loss`` has not fallen for 2 checks. Takes the keyword arguments of
-    ``EarlyStopping``; ``monitor=None`` turns it off (the fixed schedule, ``trainer.max_epochs``).
+    stop once the held-out cells' ``val/loss`` has not fallen for 2 checks. Takes the keyword
+    arguments of ``EarlyStopping``; ``monitor=None`` turns it off (the fixed schedule,
+    ``trainer.max_epochs``).
     """
 
     def __init__(
@@ -70,14 +71,7 @@ class WarmupEarlyStopping(EarlyStopping):
             return False
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return False
-        if not self.spatial:
-            return True
-        return any(
-            isinstance(cb, SpatialValidation)
-            and cb.latest is not None
-            and cb.latest[0] == trainer.current_epoch
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-        )
+        return not self.spatial or SpatialValidation.placed_now(trainer) is not None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A checkpoint's progress (best, wait, stop), but the configured ``patience``: Lightning

@@ -12,6 +12,8 @@ import lightning as L
 
 from dpvae.metrics import format_scores
 
+from .spatial_validation import SpatialValidation
+
 #: per-epoch values recorded, as logged (``_epoch`` suffixes of step-and-epoch logs removed)
 CURVES = {
     "train/loss": "train/loss_epoch",
@@ -27,6 +29,7 @@ SPATIAL = ("dist_pearson", "knn10", "median_error", "distortion_p95_p5")
 def stopped_early(trainer: L.Trainer) -> str:
     """``"; stopped early ..."`` when an early-stopping callback ended the run, else ``""``."""
     from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
@@ -34,7 +37,7 @@ def stopped_early(trainer: L.Trainer) -> str:
             why = f"{cb.monitor} no better for {cb.patience} checks" + (
                 f" ({cb.patience * every} epochs)" if every > 1 else ""
             )
-            if cb.stopping_reason_message and "not finite" in cb.stopping_reason_message:
+            if cb.stopping_reason == EarlyStoppingReason.NON_FINITE_METRIC:
                 why = f"{cb.monitor} is not finite"
             # epochs trained (a trainer.min_epochs may go on past the decision)
             last = max(trainer.current_epoch, cb.stopped_epoch + 1)
@@ -91,11 +94,8 @@ class Report(L.Callback):
             )
 
     def _spatial(self, trainer: L.Trainer) -> dict[str, float]:
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            latest = getattr(cb, "latest", None)
-            if latest and latest[0] == trainer.current_epoch:
-                return {k: v for k, v in latest[1].items() if k in SPATIAL}
-        return {}
+        scores = SpatialValidation.placed_now(trainer) or {}
+        return {k: v for k, v in scores.items() if k in SPATIAL}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

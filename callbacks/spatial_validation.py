@@ -107,6 +107,16 @@ class SpatialValidation(L.Callback):
         "stress",
     )
 
+    @staticmethod
+    def placed_now(trainer: L.Trainer) -> dict[str, float] | None:
+        """The scores a SpatialValidation of ``trainer`` logged this epoch, or ``None`` when none
+        placed cells this epoch (what early stopping, the report and the benchmarks read)."""
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, SpatialValidation) and cb.latest is not None:
+                if cb.latest[0] == trainer.current_epoch:
+                    return cb.latest[1]
+        return None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # a checkpoint or best-weights monitor on one of these metrics needs them every epoch
         # (early stopping checks them on the epochs they are computed: WarmupEarlyStopping)

@@ -189,18 +189,17 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
 
     has_val = len(data.cells("val")) > 0
     placed = has_val and any(isinstance(cb, SpatialValidation) for cb in callbacks)
-    validation = {f"val/{t}" for t in TERMS} | {f"val/{m}" for m in SpatialValidation.METRICS}
+    val_terms = {f"val/{t}" for t in TERMS}
+    spatial = {f"val/{m}" for m in SpatialValidation.METRICS}
     logged = {f"train/{t}{s}" for t in TERMS for s in ("_step", "_epoch")}
-    if has_val:
-        logged |= {f"val/{t}" for t in TERMS}
-        if placed:
-            logged |= {f"val/{m}" for m in SpatialValidation.METRICS}
+    logged |= val_terms if has_val else set()
+    logged |= spatial if placed else set()
     for cb in callbacks:
         monitor = getattr(cb, "monitor", None)
         if not monitor or not getattr(cb, "enabled", True):
             continue
         stopping = isinstance(cb, WarmupEarlyStopping)
-        if stopping and monitor in validation and monitor not in logged:
+        if stopping and monitor in val_terms | spatial and monitor not in logged:
             # the stopping rule (on by default) needs validation cells (placed, for a spatial
             # score): without them the run keeps its fixed schedule, and says so
             cb.enabled = False
