@@ -95,7 +95,15 @@ def build_datamodule(
 
 #: with init_from, these model settings come from the configuration (the fine-tuning schedule);
 #: the architecture, the genes and the weights come from the trained model
-TRAINING_SETTINGS = ("beta", "alpha", "warmup_epochs", "lr", "weight_decay", "distance_on")
+TRAINING_SETTINGS = (
+    "beta",
+    "alpha",
+    "warmup_epochs",
+    "lr",
+    "weight_decay",
+    "distance_on",
+    "optimizer",
+)
 
 
 def build_model(cfg: DictConfig, data: ReferenceData, init: DPVAE | None = None) -> DPVAE:

@@ -81,6 +81,10 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["data.val_fraction=0", "callbacks.checkpoint.monitor=val/loss"],
             "no validation cells",
         ),
+        "optimizer": (
+            ["model.optimizer=adam"],
+            "model.optimizer must be one of fused, foreach, loop, got 'adam'",
+        ),
         "unknown_option": (
             ["model.likelihood=poisson"],
             "unknown option 'poisson'.*gaussian, nb, zinb",
@@ -107,6 +111,7 @@ CASES = [
     "stopping_monitor_typo",
     "stopping_mode",
     "stopping_patience",
+    "optimizer",
 ]
 
 

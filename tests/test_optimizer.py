@@ -1,0 +1,79 @@
+"""``model.optimizer``: AdamW's implementation. ``foreach`` trains to exactly the numbers of
+torch's per-parameter ``loop`` (dpvae's optimizer before the option, and what a checkpoint
+from then resumes with); ``fused`` (the default) agrees with them to rounding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import pytest
+import torch
+
+import dpvae
+from dpvae.module import DPVAE
+
+SHORT = ("trainer.max_epochs=4", "model.warmup_epochs=1", "logger=none", "seed=3")
+
+
+@pytest.fixture(scope="module")
+def reference(osmfish_small: Path) -> ad.AnnData:
+    return ad.read_h5ad(osmfish_small)
+
+
+def _weights(reference: ad.AnnData, impl: str) -> dict[str, torch.Tensor]:
+    model = dpvae.fit(reference, *SHORT, f"model.optimizer={impl}")
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def test_foreach_trains_to_the_loop_s_numbers(reference: ad.AnnData) -> None:
+    loop = _weights(reference, "loop")
+    foreach = _weights(reference, "foreach")
+    assert loop.keys() == foreach.keys()
+    for key, value in loop.items():
+        assert torch.equal(value, foreach[key]), key
+
+
+def test_a_fused_step_is_the_loop_s_step_to_rounding(reference: ad.AnnData) -> None:
+    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {
+        n: torch.randn_like(p, generator=torch.Generator().manual_seed(i))
+        for i, (n, p) in enumerate(model.named_parameters())
+    }
+    after = {}
+    for impl in ("loop", "fused"):
+        net = DPVAE(**{**dict(model.hparams), "optimizer": impl})
+        net.load_state_dict(start)
+        opt = net.configure_optimizers()
+        for _ in range(3):
+            for n, p in net.named_parameters():
+                p.grad = grads[n].clone()
+            opt.step()
+        after[impl] = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for n, p in after["loop"].items():
+        assert not torch.equal(p, start[n])  # the steps moved every parameter
+        torch.testing.assert_close(after["fused"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def _optimizer_of(model: DPVAE, **hparams: object) -> torch.optim.Optimizer:
+    return DPVAE(**{**dict(model.hparams), **hparams}).configure_optimizers()
+
+
+def test_the_implementation_asked_for_is_the_one_built(reference: ad.AnnData) -> None:
+    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+    assert model.hparams["optimizer"] == "fused"  # the default
+    fused = _optimizer_of(model).defaults
+    assert fused["fused"] is True and not fused["foreach"]
+    foreach = _optimizer_of(model, optimizer="foreach").defaults
+    assert foreach["foreach"] is True and not foreach["fused"]
+    loop = _optimizer_of(model, optimizer="loop").defaults
+    assert loop["foreach"] is False and not loop["fused"]
+    assert len(_optimizer_of(model).param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_fused_falls_back_where_torch_has_no_fused_kernel(reference: ad.AnnData) -> None:
+    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+    elsewhere = DPVAE(**dict(model.hparams)).to("meta")  # a device outside FUSED_DEVICES
+    defaults = elsewhere.configure_optimizers().defaults
+    assert defaults["foreach"] is True and not defaults["fused"]
