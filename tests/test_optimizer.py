@@ -1,6 +1,6 @@
 """``model.optimizer``: AdamW's implementation. ``foreach`` trains to exactly the numbers of
-torch's per-parameter ``loop`` (dpvae's optimizer before the option, and what a checkpoint
-from then resumes with); ``fused`` (the default) agrees with them to rounding."""
+torch's per-parameter ``loop`` (dpvae's optimizer before the option); ``fused`` (the default)
+agrees with them to rounding."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def reference(osmfish_small: Path) -> ad.AnnData:
     return ad.read_h5ad(osmfish_small)
 
 
+@pytest.fixture(scope="module")
+def model(reference: ad.AnnData) -> DPVAE:
+    """A model of one epoch: its hyperparameters and weights build the optimizers below."""
+    return dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+
+
 def _weights(reference: ad.AnnData, impl: str) -> dict[str, torch.Tensor]:
     model = dpvae.fit(reference, *SHORT, f"model.optimizer={impl}")
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
@@ -34,8 +40,7 @@ def test_foreach_trains_to_the_loop_s_numbers(reference: ad.AnnData) -> None:
         assert torch.equal(value, foreach[key]), key
 
 
-def test_a_fused_step_is_the_loop_s_step_to_rounding(reference: ad.AnnData) -> None:
-    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+def test_a_fused_step_is_the_loop_s_step_to_rounding(model: DPVAE) -> None:
     start = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {
         n: torch.randn_like(p, generator=torch.Generator().manual_seed(i))
@@ -60,8 +65,7 @@ def _optimizer_of(model: DPVAE, **hparams: object) -> torch.optim.Optimizer:
     return DPVAE(**{**dict(model.hparams), **hparams}).configure_optimizers()
 
 
-def test_the_implementation_asked_for_is_the_one_built(reference: ad.AnnData) -> None:
-    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+def test_the_implementation_asked_for_is_the_one_built(model: DPVAE) -> None:
     assert model.hparams["optimizer"] == "fused"  # the default
     fused = _optimizer_of(model).defaults
     assert fused["fused"] is True and not fused["foreach"]
@@ -72,8 +76,7 @@ def test_the_implementation_asked_for_is_the_one_built(reference: ad.AnnData) ->
     assert len(_optimizer_of(model).param_groups[0]["params"]) == len(list(model.parameters()))
 
 
-def test_fused_falls_back_where_torch_has_no_fused_kernel(reference: ad.AnnData) -> None:
-    model = dpvae.fit(reference, "trainer.max_epochs=1", "logger=none").module
+def test_fused_falls_back_where_torch_has_no_fused_kernel(model: DPVAE) -> None:
     elsewhere = DPVAE(**dict(model.hparams)).to("meta")  # a device outside FUSED_DEVICES
     defaults = elsewhere.configure_optimizers().defaults
     assert defaults["foreach"] is True and not defaults["fused"]
