@@ -11,7 +11,7 @@ import torch
 
 from dpvae.contracts import ReferenceData
 from dpvae.errors import require_at_least
-from dpvae.metrics import LatentDistortion, SpatialScores
+from dpvae.gathered_metrics import LatentDistortion, SpatialScores
 from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
 
 

@@ -30,7 +30,7 @@ from dpvae.run_folder import CHECKPOINT_FILE, CONFIG_FILE
 if TYPE_CHECKING:
     import anndata as ad
 
-    from dpvae.module import DPVAE
+    from dpvae.network import Parts
     from dpvae.placement import Prediction, ReferenceEmbedding
 
 
@@ -38,7 +38,9 @@ class Model:
     """A trained dp-VAE with the reference cells it places query cells against.
 
     Attributes:
-        module: the :class:`dpvae.module.DPVAE` (a LightningModule).
+        module: the trained network: the :class:`dpvae.module.DPVAE` LightningModule after
+            :func:`fit`, a :class:`dpvae.network.Network` (the same parts, state and inference
+            methods, built without importing Lightning) after :func:`load`.
         reference: the run's reference cells (:class:`dpvae.placement.ReferenceEmbedding`), or
             ``None`` (then :meth:`predict` needs ``reference=``).
         config: the configuration it was trained with, when known.
@@ -46,7 +48,7 @@ class Model:
 
     def __init__(
         self,
-        module: DPVAE,
+        module: Parts,
         reference: ReferenceEmbedding | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -152,7 +154,8 @@ class Model:
 
         :func:`load` and ``dpvae-predict checkpoint=PATH/model.ckpt`` read it back.
         """
-        import lightning
+        from importlib.metadata import PackageNotFoundError, version
+
         import torch
 
         from dpvae.placement import EMBEDDING_FILE
@@ -161,11 +164,14 @@ class Model:
         if (folder / CHECKPOINT_FILE).exists() and not overwrite:
             raise DataError(f"{folder} already holds {CHECKPOINT_FILE}; pass overwrite=True")
         folder.mkdir(parents=True, exist_ok=True)
-        state = {
+        state: dict[str, Any] = {
             "state_dict": self.module.state_dict(),
             "hyper_parameters": dict(self.module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
         }
+        try:  # what Lightning's loader reads; the version without importing it
+            state["pytorch-lightning_version"] = version("lightning")
+        except PackageNotFoundError:
+            pass
         tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
         try:
             torch.save(state, tmp)
@@ -270,18 +276,14 @@ def _train(reference: Any, head: list[str], overrides: Sequence[str], init: Any 
 def load(path: str | Path) -> Model:
     """Load a run folder (``train.py``'s, ``dpvae-train``'s or :meth:`Model.save`'s) or its
     ``model.ckpt``, with the run's reference cells (``embedding.h5ad`` beside it) when present."""
-    from dpvae.module import DPVAE
+    from dpvae.network import Network
     from dpvae.placement import EMBEDDING_FILE, ReferenceEmbedding
 
     p = Path(path).expanduser()
     ckpt = p / CHECKPOINT_FILE if p.is_dir() else p
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no such checkpoint; give a run folder or its {CHECKPOINT_FILE}")
-    try:
-        module = DPVAE.load_from_checkpoint(ckpt, map_location="cpu")
-    except Exception as exc:  # torch and Lightning raise many kinds for a foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{ckpt}: not a dpvae checkpoint ({first[:200]})") from exc
+    module = Network.from_checkpoint(ckpt)  # prediction without importing Lightning
     embedding = ckpt.parent / EMBEDDING_FILE
     reference = None
     if embedding.exists():

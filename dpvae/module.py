@@ -26,25 +26,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
-from dpvae.config import instantiate, to_plain
-from dpvae.likelihoods import Likelihood
-from dpvae.nn import Decoder, Encoder
-from dpvae.preprocess import ExpressionTransform, Preprocessor, to_dense
-from dpvae.regularizers import DistanceRegularizer
+from dpvae.network import OPTIMIZERS as OPTIMIZERS  # re-exported
+from dpvae.network import Parts, model_hparams
+from dpvae.preprocess import Preprocessor
 from dpvae.regularizers.base import accepts_weight, pair_distances, spatial_distances
 
-DEFAULT_ENCODER = {"_target_": "dpvae.nn.MLPEncoder"}
-DEFAULT_DECODER = {"_target_": "dpvae.nn.MLPDecoder"}
-DEFAULT_LIKELIHOOD = {"_target_": "dpvae.likelihoods.GaussianLikelihood"}
-DEFAULT_REGULARIZER = {"_target_": "dpvae.regularizers.DPRegularizer"}
 #: the logged terms, in the order of :meth:`DPVAE._term_values` (lambda: scaled regularizers)
 TERM_NAMES = ("recon", "kl", "reg", "loss", "lambda")
-#: ``model.optimizer``: AdamW's implementations (see :class:`DPVAE`)
-OPTIMIZERS = ("fused", "foreach", "loop")
 #: devices torch has a fused AdamW kernel for (others fall back to ``foreach``)
 FUSED_DEVICES = ("cpu", "cuda")
 
@@ -89,7 +80,7 @@ def batch_pair_set(
     return pairs[:, keep], weight
 
 
-class DPVAE(L.LightningModule):
+class DPVAE(Parts, L.LightningModule):
     """Distance-preserving VAE.
 
     Args:
@@ -110,109 +101,25 @@ class DPVAE(L.LightningModule):
             per-parameter loop, its default on CPU). Fused and the others agree to rounding.
         distance_on: ``mean`` (the posterior mean, the embedding used for prediction) or ``sample``
             (a reparameterised sample) enters the regularizer.
+
+    The keywords after ``preprocess`` are :func:`dpvae.network.model_hparams`'s, with its
+    defaults; an unknown one is a ``TypeError``.
     """
 
-    scale_initialised: Tensor
-    #: the file this model was loaded from or saved to (its run's reference sits beside it)
-    checkpoint_path: str | None
-
     def __init__(
-        self,
-        n_genes: int,
-        preprocess: Preprocessor | Mapping[str, Any],
-        encoder: Mapping[str, Any] | None = None,
-        decoder: Mapping[str, Any] | None = None,
-        likelihood: Mapping[str, Any] | None = None,
-        regularizer: Mapping[str, Any] | None = None,
-        latent_dim: int = 16,
-        beta: float = 0.5,
-        alpha: float = 3.0,
-        warmup_epochs: int = 10,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        distance_on: str = "mean",
-        optimizer: str = "fused",
+        self, n_genes: int, preprocess: Preprocessor | Mapping[str, Any], **kwargs: Any
     ) -> None:
         super().__init__()
-        specs = {
-            "encoder": to_plain(encoder) or DEFAULT_ENCODER,
-            "decoder": to_plain(decoder) or DEFAULT_DECODER,
-            "likelihood": to_plain(likelihood) or DEFAULT_LIKELIHOOD,
-            "regularizer": to_plain(regularizer) or DEFAULT_REGULARIZER,
-        }
-        pre = (
-            preprocess
-            if isinstance(preprocess, Preprocessor)
-            else Preprocessor.from_dict(dict(to_plain(preprocess)))
-        )
-        self.save_hyperparameters(
-            {
-                "n_genes": int(n_genes),
-                "preprocess": pre.to_dict(),
-                **specs,
-                "latent_dim": int(latent_dim),
-                "beta": float(beta),
-                "alpha": float(alpha),
-                "warmup_epochs": int(warmup_epochs),
-                "lr": float(lr),
-                "weight_decay": float(weight_decay),
-                "distance_on": str(distance_on),
-                "optimizer": str(optimizer),
-            }
-        )
-        from dpvae.errors import require
-
-        require(
-            distance_on in ("mean", "sample"),
-            f"model.distance_on must be mean or sample, got {distance_on!r}",
-        )
-        require(
-            optimizer in OPTIMIZERS,
-            f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}",
-        )
-        require(latent_dim >= 1, f"model.latent_dim must be at least 1, got {latent_dim}")
-        for name, value in (
-            ("beta", beta),
-            ("alpha", alpha),
-            ("lr", lr),
-            ("weight_decay", weight_decay),
-        ):
-            require(value >= 0, f"model.{name} must be 0 or more, got {value}")
-        require(warmup_epochs >= 0, f"model.warmup_epochs must be 0 or more, got {warmup_epochs}")
-        self.preprocessor = Preprocessor.from_dict(pre.to_dict())
-        self.transform = ExpressionTransform.from_preprocessor(pre)
-        self.likelihood: Likelihood = instantiate(specs["likelihood"], n_genes=n_genes)
-        n_input = self.transform.n_pcs or n_genes
-        self.encoder: Encoder = instantiate(specs["encoder"], n_input=n_input, n_latent=latent_dim)
-        self.decoder: Decoder = instantiate(
-            specs["decoder"], n_latent=latent_dim, n_output=n_genes * self.likelihood.n_params
-        )
-        self.regularizer: DistanceRegularizer = instantiate(specs["regularizer"])
+        hparams, pre = model_hparams(n_genes, preprocess, **kwargs)
+        self.save_hyperparameters(hparams)
+        self._build_parts(hparams, pre)
         # a user-written forward(z, coords, pairs) without weights gets weight-resampled pairs
         self._weighted_regularizer = accepts_weight(self.regularizer)
-        # whether lambda was re-initialised at switch-on; saved so a resumed run does not redo it
-        self.register_buffer("scale_initialised", torch.tensor(False))
-        self.checkpoint_path = None
         # per-stage sums of the logged terms (times batch size) and cell counts this epoch
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ model
-    def _encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Raw expression (B, G) -> (transformed input, posterior mean, log-variance, library)."""
-        x, library = self.transform(raw)
-        mu, logvar = self.encoder(self.transform.encoder_input(x))
-        return x, mu, logvar, library
-
-    def encode(self, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw expression (B, G) -> (posterior mean, log-variance, library size)."""
-        _, mu, logvar, library = self._encode(raw)
-        return mu, logvar, library
-
-    def forward(self, raw: Tensor) -> Tensor:
-        """The latent embedding (posterior mean) of raw expression (B, G)."""
-        return self.encode(raw)[0]
-
     def regularizer_on(self) -> bool:
         """Whether the distance term is part of the training loss in the current epoch."""
         return self.current_epoch >= self.hparams["warmup_epochs"]
@@ -385,16 +292,6 @@ class DPVAE(L.LightningModule):
         )
 
     # ------------------------------------------------------------ prediction
-    @property
-    def genes(self) -> list[str]:
-        """The model's genes, in input order."""
-        return list(self.preprocessor.genes)
-
-    def scale_value(self) -> float:
-        """lambda (latent units per standardised spatial unit), 1.0 for scale-free regularizers."""
-        lam = self.regularizer.scale()
-        return 1.0 if lam is None else float(lam.detach())
-
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
         cls, checkpoint_path: Any, *args: Any, **kwargs: Any
@@ -409,57 +306,3 @@ class DPVAE(L.LightningModule):
         if isinstance(checkpoint_path, str | Path):
             model.checkpoint_path = str(Path(checkpoint_path).expanduser().resolve())
         return model  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def embed(self, raw: Any, batch_size: int = 4096, with_pcs: bool = False) -> Any:
-        """Latent embedding (posterior mean) of raw expression.
-
-        ``raw``: an AnnData (genes matched to :attr:`genes` by name, see
-        :func:`dpvae.placement.encode`), or a matrix (sparse or dense) whose columns are already
-        :attr:`genes` in order. With ``with_pcs``, returns ``(latent, pcs)`` where ``pcs`` are the
-        expression principal components prediction uses beside the latent code (``None`` when the
-        model has none).
-        """
-        if hasattr(raw, "var_names") and hasattr(raw, "obs_names"):
-            from dpvae.placement import encode
-
-            latent, pcs, _ = encode(self, raw, batch_size=batch_size)
-            return (latent, pcs) if with_pcs else latent
-        if raw.ndim != 2 or raw.shape[1] != len(self.genes):
-            from dpvae.errors import DataError
-
-            raise DataError(
-                f"expected a cells x {len(self.genes)} matrix in the model's gene order, got shape "
-                f"{tuple(raw.shape)}; pass an AnnData to match genes by name"
-            )
-        if not self.transform.loadings_fitted():
-            from dpvae.errors import DataError
-
-            raise DataError(
-                "this model's PCA loadings were never fitted; build it from a fitted "
-                "Preprocessor (dpvae.pipeline.build_model) or load it from a checkpoint"
-            )
-        was_training = self.training
-        self.eval()
-        n = raw.shape[0]
-        width = self.hparams["latent_dim"]
-        z = np.empty((n, width), dtype=np.float32)
-        n_pcs = self.transform.neighbour_pcs if with_pcs else 0
-        pcs = np.empty((n, n_pcs), dtype=np.float32) if n_pcs else None
-        from dpvae.neighbours import release_memory
-
-        for number, start in enumerate(range(0, n, batch_size)):
-            block = raw[start : start + batch_size]
-            tensor = torch.as_tensor(to_dense(block), dtype=torch.float32, device=self.device)
-            del block
-            z[start : start + len(tensor)] = self._encode(tensor)[1].cpu().numpy()
-            if pcs is not None:
-                pcs[start : start + len(tensor)] = (
-                    self.transform.expression_pcs(tensor).cpu().numpy()
-                )
-            del tensor
-            if number % 16 == 15:  # glibc keeps the freed dense blocks: hand them back
-                release_memory()
-        release_memory()
-        self.train(was_training)
-        return (z, pcs) if with_pcs else z

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from dpvae.contracts import ReferenceData
-    from dpvae.module import DPVAE
+    from dpvae.network import Parts
 
 #: Reference neighbours that place a query cell (chosen over all dev datasets with the calibrated
 #: joint search; BENCHMARKS.md).
@@ -567,7 +567,7 @@ class ReferenceEmbedding:
 
 
 def embed_reference(
-    model: DPVAE,
+    model: Parts,
     data: ReferenceData,
     batch_size: int = 4096,
     calibration: dict[str, Any] | None = None,
@@ -626,7 +626,7 @@ def _model_genes(block: Any, src: np.ndarray, dst: np.ndarray, n_genes: int) -> 
 
 
 def encode(
-    model: DPVAE,
+    model: Parts,
     adata: ad.AnnData,
     layer: str | None = None,
     batch_size: int = 4096,
@@ -689,7 +689,7 @@ def encode(
 
 
 def resolve_reference(
-    model: DPVAE,
+    model: Parts,
     reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
     spatial_key: str = "spatial",
     run_reference: ReferenceEmbedding | None = None,
@@ -751,7 +751,7 @@ def resolve_reference(
     return with_run_record(fresh, run_reference)
 
 
-def _beside_checkpoint(model: DPVAE) -> Path | None:
+def _beside_checkpoint(model: Parts) -> Path | None:
     """The run's ``embedding.h5ad`` path beside the model's checkpoint (``None``: the model was
     not loaded from a file)."""
     ckpt = getattr(model, "checkpoint_path", None)
@@ -863,7 +863,7 @@ class Prediction:
 
 
 def predict(
-    model: DPVAE,
+    model: Parts,
     query: ad.AnnData,
     mode: str = "impute",
     reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -13,7 +15,7 @@ import dpvae
 from dpvae import placement
 from dpvae.cli import predict_main
 from dpvae.errors import ConfigError
-from tests.conftest import run_train
+from tests.conftest import ROOT, run_train
 
 
 def _md5(path: Path) -> str:
@@ -230,6 +232,59 @@ def test_every_way_of_loading_a_run_predicts_the_same(osmfish_run: dict[str, Pat
     np.testing.assert_array_equal(dpvae.load(copy).predict(query), by_dir)
     with pytest.raises(Exception, match="already holds"):
         dpvae.load(copy).save(copy)
+
+
+def test_a_loaded_model_is_the_trained_network_without_lightning(
+    osmfish_run: dict[str, Path],
+) -> None:
+    """dpvae.load builds a Network (no Lightning) with the LightningModule's state, key for key,
+    and the same latent codes; a checkpoint it cannot read is one DataError naming the file."""
+    import torch
+
+    from dpvae.errors import DataError
+    from dpvae.module import DPVAE
+    from dpvae.network import Network
+
+    ckpt = osmfish_run["run"] / "model.ckpt"
+    lit = DPVAE.load_from_checkpoint(ckpt).eval()
+    net = dpvae.load(ckpt).module
+    assert type(net) is Network and not isinstance(net, DPVAE)
+    assert net.checkpoint_path == lit.checkpoint_path
+    assert dict(net.hparams) == dict(lit.hparams)
+    theirs, ours = lit.state_dict(), net.state_dict()
+    assert list(theirs) == list(ours)
+    for key in theirs:
+        assert torch.equal(theirs[key], ours[key]), key
+    query = ad.read_h5ad(osmfish_run["query"])
+    np.testing.assert_array_equal(net.embed(query), lit.embed(query))
+    assert net.scale_value() == lit.scale_value() and net.genes == lit.genes
+    torch.save({"state_dict": {}}, osmfish_run["tmp"] / "foreign.ckpt")
+    with pytest.raises(DataError, match="foreign.ckpt: not a dpvae checkpoint"):
+        Network.from_checkpoint(osmfish_run["tmp"] / "foreign.ckpt")
+
+
+def test_the_prediction_command_does_not_import_lightning(osmfish_run: dict[str, Path]) -> None:
+    """Prediction needs torch, not Lightning nor torchmetrics (2.7 s of its start-up): the
+    command places cells and scores them without either in the process."""
+    out = osmfish_run["tmp"] / "no_lightning.h5ad"
+    code = (
+        "import sys\n"
+        "from dpvae.cli import predict_main\n"
+        f"rc = predict_main(['checkpoint={osmfish_run['run'] / 'model.ckpt'}', "
+        f"'query={osmfish_run['query']}', 'output={out}'])\n"
+        "print('rc', rc, 'loaded', sorted(m for m in ('lightning', 'torchmetrics') if m in "
+        "sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rc 0 loaded []" in done.stdout, done.stdout[-2000:]
+    assert "scores against the query's true coordinates" in done.stdout
+    assert ad.read_h5ad(out).obsm["spatial_dpvae"].shape == (
+        ad.read_h5ad(osmfish_run["query"]).n_obs,
+        2,
+    )
 
 
 def test_embed_matches_genes_by_name(osmfish_run: dict[str, Path]) -> None:
