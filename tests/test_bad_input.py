@@ -73,6 +73,10 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["callbacks.early_stopping.mode=up"],
             "callbacks.early_stopping.mode must be min or max, got 'up'",
         ),
+        "checkpoint_interval": (
+            ["callbacks.checkpoint.every_n_seconds=-1"],
+            "callbacks.checkpoint.every_n_seconds must be 0 or more, got -1",
+        ),
         "stopping_patience": (
             ["callbacks.early_stopping.patience=0"],
             "callbacks.early_stopping.patience must be at least 1",

@@ -126,7 +126,7 @@ def test_yaml_is_the_one_source_of_defaults() -> None:
                 f"{name}.{key}: constructor {defaults[key]!r}, YAML {value!r}"
             )
             checked += 1
-    module = _constructor_defaults("dpvae.module.DPVAE")
+    module = _constructor_defaults("dpvae.network.model_hparams")  # DPVAE and Network take it
     for key, value in cfg.model.items():
         if not isinstance(value, dict | type(cfg.model)) and key in module:
             assert module[key] == value, f"model.{key}: constructor {module[key]!r}, YAML {value!r}"

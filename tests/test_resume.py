@@ -29,6 +29,7 @@ def _command(data: Path, run_dir: Path) -> list[str]:
         "trainer.max_epochs=8",
         "model.warmup_epochs=2",
         "callbacks.spatial.every_n_epochs=1",
+        "callbacks.checkpoint.every_n_seconds=0",  # every epoch: the kill lands between two
         "trainer.enable_progress_bar=false",
     ]
 

@@ -88,6 +88,43 @@ def test_checkpoint_round_trip_and_resume(
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * len(dm.train_dataloader())
 
 
+def test_checkpoints_are_written_at_most_every_n_seconds(
+    osmfish_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a monitor, model.ckpt is written when every_n_seconds have passed and at the last
+    epoch's end; the last checkpoint is the one an every-epoch run writes (epoch, step, weights,
+    loop state), so its resume and its 'finished' check are unchanged."""
+    from dpvae.callbacks import RunCheckpoint
+
+    writes: list[int] = []
+    save = RunCheckpoint._save_checkpoint
+
+    def counted(self: RunCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+        writes.append(trainer.current_epoch)
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(RunCheckpoint, "_save_checkpoint", counted)
+    args = [*FAST, "logger=none", f"data.reference={osmfish_small}", "trainer.max_epochs=4"]
+    args += ["model.warmup_epochs=1", "callbacks.early_stopping.monitor=null"]
+    ckpts = {}
+    for seconds, expected in (("0", [0, 1, 2, 3]), ("3600", [3])):
+        writes.clear()
+        run = run_train(
+            [
+                *args,
+                f"run_dir={tmp_path / seconds}",
+                f"callbacks.checkpoint.every_n_seconds={seconds}",
+            ]
+        )
+        assert writes == expected
+        ckpts[seconds] = torch.load(run / "model.ckpt", weights_only=True, map_location="cpu")
+    every, throttled = ckpts["0"], ckpts["3600"]
+    assert (throttled["epoch"], throttled["global_step"]) == (every["epoch"], every["global_step"])
+    assert throttled["loops"]["fit_loop"] == every["loops"]["fit_loop"]
+    for key, value in every["state_dict"].items():
+        assert torch.equal(throttled["state_dict"][key], value), key
+
+
 def test_training_on_real_data_learns_distances(osmfish: ad.AnnData) -> None:
     """The embedded osmFISH (counts): the distance term takes hold on held-out cells.
 
