@@ -87,11 +87,13 @@ class RunCheckpoint(ModelCheckpoint):
         self._written_at = time.monotonic()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._decide_wait(trainer)
+        if not self._should_save_on_train_epoch_end(trainer):  # Lightning writes here, then
+            self._decide_wait(trainer)
         super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._decide_wait(trainer)
+        if self._should_save_on_train_epoch_end(trainer):  # ... or here: decided once an epoch
+            self._decide_wait(trainer)
         super().on_train_epoch_end(trainer, pl_module)
         # Lightning writes last.ckpt only in epochs whose monitored value improved; a resume must
         # start from the latest epoch, so write it every epoch the top-k check ran

@@ -28,7 +28,7 @@ import numpy as np
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from dpvae.module import DPVAE
+    from dpvae.network import Parts
 
 #: the fewest training cells of a fold fit (the datamodule's own floor is 3)
 MIN_FOLD_CELLS = 3
@@ -126,7 +126,7 @@ class FoldProbe(L.Callback):
 
 
 def fold_scores(
-    model: DPVAE, fold: Fold, k: int, expression_weight: float
+    model: Parts, fold: Fold, k: int, expression_weight: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Held-out cells placed against a fit's training cells of their own section, as a query is
     against the anchors: ``(error in the cells' original units, calibration score)`` per cell."""
@@ -181,7 +181,7 @@ def _fold_reference(cells: Any, rows: np.ndarray, genes: list[str]) -> Any:
     return [one(rows[groups == s]) for s in dict.fromkeys(groups)]
 
 
-def cross_validate(cfg: DictConfig, data: Any, init: DPVAE) -> CrossValidation | None:
+def cross_validate(cfg: DictConfig, data: Any, init: Parts) -> CrossValidation | None:
     """Choose the fine-tuning schedule and calibrate the radius by ``cfg.finetune.folds`` fits.
 
     Returns ``None`` (the schedule of ``trainer.max_epochs``, the radius calibrated at

@@ -223,24 +223,30 @@ class Network(Parts):
         return self._param_device()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu") -> Network:
-        """The model of a ``model.ckpt`` (training's, or :meth:`dpvae.Model.save`'s).
+    def from_checkpoint(cls, path: str | Path, map_location: Any = "cpu", fix: str = "") -> Network:
+        """The model of a ``model.ckpt`` (training's, or :meth:`dpvae.Model.save`'s): the one
+        reader of a model from a checkpoint (prediction, :func:`dpvae.load` and ``init_from``).
 
         Raises:
-            DataError: the file is not a dpvae checkpoint (one line naming the file).
+            DataError: the file is not a dpvae model checkpoint (one line naming the file, then
+                ``fix``).
         """
         path = Path(path).expanduser()
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-            if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt:
-                raise ValueError("no hyper_parameters")
-            model = cls(**dict(ckpt["hyper_parameters"]))
-            model.load_state_dict(ckpt["state_dict"])
-        except DataError:
-            raise
-        except Exception as exc:  # torch raises many kinds for a foreign file
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            raise DataError(f"{path}: not a dpvae checkpoint ({first[:200]})") from None
+        except Exception as exc:  # truncated, foreign or unsafe: its type, never torch's advice
+            reason = type(exc).__name__
+        else:
+            try:
+                parts = {"hyper_parameters", "state_dict"}
+                if not isinstance(ckpt, dict) or not parts <= set(ckpt):
+                    raise ValueError("it holds no hyper_parameters and state_dict")
+                model = cls(**dict(ckpt["hyper_parameters"]))
+                model.load_state_dict(ckpt["state_dict"])
+                reason = ""
+            except Exception as exc:  # no model state, or another model's
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if reason:
+            raise DataError(f"{path}: not a dpvae model checkpoint ({reason}){fix}")
         model.checkpoint_path = str(path.resolve())
         return model.eval()

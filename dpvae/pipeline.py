@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from dpvae.contracts import ReferenceData
     from dpvae.module import DPVAE
+    from dpvae.network import Network, Parts
 
 
 def configure_process(cfg: DictConfig) -> None:
@@ -43,29 +44,24 @@ def configure_process(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
-def load_initial_model(path: str | Path) -> DPVAE:
+def load_initial_model(path: str | Path) -> Network:
     """The trained model ``init_from`` names (a dpvae run's ``model.ckpt``), on the CPU.
 
     Raises:
         DataError: no such file, or not a dpvae model checkpoint.
     """
     from dpvae.errors import DataError
-    from dpvae.module import DPVAE
+    from dpvae.network import Network
 
     p = Path(str(path)).expanduser()
+    fix = "; init_from takes the model.ckpt of a dpvae run"
     if not p.is_file():
-        raise DataError(f"{p}: no such checkpoint; init_from takes the model.ckpt of a dpvae run")
-    try:
-        return DPVAE.load_from_checkpoint(p, map_location="cpu")
-    except Exception as exc:  # torch and Lightning raise many kinds for a foreign file
-        raise DataError(
-            f"{p}: not a dpvae model checkpoint ({type(exc).__name__}); init_from takes the "
-            "model.ckpt of a dpvae run"
-        ) from exc
+        raise DataError(f"{p}: no such checkpoint{fix}")
+    return Network.from_checkpoint(p, fix=fix)
 
 
 def build_datamodule(
-    cfg: DictConfig, reference: ad.AnnData | None = None, init: DPVAE | None = None
+    cfg: DictConfig, reference: ad.AnnData | None = None, init: Parts | None = None
 ) -> Any:
     """Instantiate ``cfg.data`` and set it up (hygiene, gene selection, split, preprocessing fit).
 
@@ -106,7 +102,7 @@ TRAINING_SETTINGS = (
 )
 
 
-def build_model(cfg: DictConfig, data: ReferenceData, init: DPVAE | None = None) -> DPVAE:
+def build_model(cfg: DictConfig, data: ReferenceData, init: Parts | None = None) -> DPVAE:
     """The model of ``cfg.model`` for the fitted preprocessing of ``data``; with ``init``, that
     trained model's architecture and weights in the data's coordinate frame, lambda re-fitted
     when the regularizer switches on."""
@@ -254,7 +250,7 @@ def train(
     run_dir: Path | None = None,
     resume_from: Path | None = None,
     on_start: Any = None,
-    init: DPVAE | None = None,
+    init: Parts | None = None,
     previous: dict[str, Any] | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> Trained:

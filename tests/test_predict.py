@@ -259,7 +259,7 @@ def test_a_loaded_model_is_the_trained_network_without_lightning(
     np.testing.assert_array_equal(net.embed(query), lit.embed(query))
     assert net.scale_value() == lit.scale_value() and net.genes == lit.genes
     torch.save({"state_dict": {}}, osmfish_run["tmp"] / "foreign.ckpt")
-    with pytest.raises(DataError, match="foreign.ckpt: not a dpvae checkpoint"):
+    with pytest.raises(DataError, match="foreign.ckpt: not a dpvae model checkpoint"):
         Network.from_checkpoint(osmfish_run["tmp"] / "foreign.ckpt")
 
 
