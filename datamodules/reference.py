@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dpvae.contracts import Cells, Split
-from dpvae.errors import ConfigError, DataError, DPVAEWarning, require, require_at_least
+from dpvae.errors import ConfigError, DataError, DPVAEWarning, check_data_options
 from dpvae.io import (
     blank_feature_mask,
     check_h5ad,
@@ -38,7 +38,7 @@ from dpvae.preprocess import (
     scan_matrix,
 )
 
-from .sampling import BatchPlan, FixedBatches, PairedBatchSampler, as_plan, check_pair_options
+from .sampling import BatchPlan, FixedBatches, PairedBatchSampler, as_plan
 from .sources import RowSubset, Section, StoredRows, encoding
 
 
@@ -227,21 +227,22 @@ class ReferenceDataModule(L.LightningDataModule):
         allow_missing_genes: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        if batch_size < 2:
-            raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
-        require_at_least(
-            "data",
-            n_genes=(n_genes, 0),
-            n_pcs=(n_pcs, 0),
-            neighbour_pcs=(neighbour_pcs, 0),
-            n_neighbours=(n_neighbours, 1),
-            min_cells=(min_cells, 3),
-            chunk_size=(chunk_size, 1),
-            backed_threshold_mb=(backed_threshold_mb, 0),
+        check_data_options(
+            val_fraction=val_fraction,
+            batch_size=batch_size,
+            n_genes=n_genes,
+            n_pcs=n_pcs,
+            neighbour_pcs=neighbour_pcs,
+            n_neighbours=n_neighbours,
+            min_cells=min_cells,
+            chunk_size=chunk_size,
+            backed_threshold_mb=backed_threshold_mb,
+            spatial_key=spatial_key,
+            num_workers=num_workers,
+            backed=backed,
+            far_pairs=far_pairs,
+            near_weight=near_weight,
         )
-        require(bool(spatial_key), "data.spatial_key must name an obsm key, e.g. spatial")
         self.reference = reference
         self.spatial_key = spatial_key
         self.layer = layer
@@ -255,7 +256,6 @@ class ReferenceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.neighbour_pairs = neighbour_pairs
         self.n_neighbours = n_neighbours
-        check_pair_options(far_pairs, near_weight)
         self.pair_set, self.far_pairs, self.near_weight = pair_set, far_pairs, near_weight
         self.seed = seed
         self.min_cells = min_cells
@@ -264,12 +264,6 @@ class ReferenceDataModule(L.LightningDataModule):
         self.backed_threshold_mb = backed_threshold_mb
         self.chunk_size = chunk_size
         self.require_counts = require_counts
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not str(num_workers).isdigit()
-        ):
-            raise ConfigError(
-                f"data.num_workers must be auto or an integer >= 0, got {num_workers!r}"
-            )
         self.num_workers = num_workers
         self.fixed = fixed
         self.allow_missing_genes = allow_missing_genes
@@ -298,8 +292,6 @@ class ReferenceDataModule(L.LightningDataModule):
 
     def _streaming(self, sources: list[tuple[str, Any]], world: int) -> bool:
         """Whether training batches are read from disk (``data.backed``; auto: large or DDP)."""
-        if self.backed not in ("auto", True, False):
-            raise ConfigError(f"data.backed must be auto, true or false, got {self.backed!r}")
         paths = [_file_of(source) for _, source in sources]
         if self.backed is False or any(p is None for p in paths):
             if self.backed is True:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from dpvae.errors import check_pair_options
+
 
 @dataclass
 class BatchPlan:
@@ -46,19 +48,6 @@ def as_plan(rows: BatchPlan | Sequence[int] | np.ndarray) -> BatchPlan:
     if isinstance(rows, BatchPlan):
         return rows
     return BatchPlan(np.asarray(rows, dtype=np.int64))
-
-
-def check_pair_options(far_pairs: int, near_weight: float) -> None:
-    """Fail with one line on a bad ``data.far_pairs`` / ``data.near_weight``."""
-    from dpvae.errors import ConfigError
-
-    if isinstance(far_pairs, bool) or not isinstance(far_pairs, int) or far_pairs < 0:
-        raise ConfigError(
-            f"data.far_pairs must be an integer >= 0 (0: every other in-batch pair), got "
-            f"{far_pairs!r}"
-        )
-    if not 0.0 < near_weight < 1.0:
-        raise ConfigError(f"data.near_weight must be in (0, 1), got {near_weight!r}")
 
 
 def _other_pairs(b: int) -> np.ndarray:

@@ -277,12 +277,10 @@ def load(path: str | Path) -> Model:
     """Load a run folder (``train.py``'s, ``dpvae-train``'s or :meth:`Model.save`'s) or its
     ``model.ckpt``, with the run's reference cells (``embedding.h5ad`` beside it) when present."""
     from dpvae.network import Network
+    from dpvae.paths import LOAD_FIX, find_checkpoint
     from dpvae.placement import EMBEDDING_FILE, ReferenceEmbedding
 
-    p = Path(path).expanduser()
-    ckpt = p / CHECKPOINT_FILE if p.is_dir() else p
-    if not ckpt.is_file():
-        raise DataError(f"{ckpt}: no such checkpoint; give a run folder or its {CHECKPOINT_FILE}")
+    ckpt = find_checkpoint(path, LOAD_FIX)
     module = Network.from_checkpoint(ckpt)  # prediction without importing Lightning
     embedding = ckpt.parent / EMBEDDING_FILE
     reference = None

@@ -176,6 +176,58 @@ and the logs; the same command again resumes an interrupted run.
 """
 
 
+#: the datamodule whose ``data.*`` options the training command checks before its imports (a
+#: user's own datamodule checks its options when it is built)
+DATAMODULE_TARGETS = ("dpvae.datamodules.ReferenceDataModule", "datamodules.ReferenceDataModule")
+#: Lightning's integer trainer options and their least values (Lightning checks them too, but
+#: only once torch and Lightning are imported: four seconds for a typo)
+TRAINER_AT_LEAST = {"max_epochs": -1, "max_steps": -1, "log_every_n_steps": 0, "num_nodes": 1}
+
+
+def _check_section(check: Callable[..., None], section: DictConfig) -> None:
+    """``check(**section's values of check's keyword arguments)``, when the section has them all."""
+    import inspect
+
+    names = list(inspect.signature(check).parameters)
+    if all(name in section for name in names):
+        check(**{name: section[name] for name in names})
+
+
+def _check_train(cfg: DictConfig) -> None:
+    """The training options a user mistypes most, checked before torch, Lightning and anndata
+    are imported: the model's and the reference datamodule's values, the reference files,
+    ``init_from``, the seed and Lightning's integer options. The owners check their rules again
+    when built (:func:`dpvae.network.model_hparams`, the datamodule), with the same functions."""
+    from dpvae.config import to_plain
+    from dpvae.errors import ConfigError, check_data_options, check_model_options
+    from dpvae.paths import check_exists, find_checkpoint, resolve_references
+
+    require(cfg.seed >= 0, f"seed must be 0 or more, got {cfg.seed}")
+    require(
+        cfg.embedding.batch_size >= 1,
+        f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
+    )
+    _check_section(check_model_options, cfg.model)
+    data = cfg.data
+    if str(data.get("_target_")) in DATAMODULE_TARGETS:
+        _check_section(check_data_options, data)
+        for _, source in resolve_references(to_plain(data.reference)):
+            check_exists(source)
+    for key, least in TRAINER_AT_LEAST.items():
+        value = cfg.trainer.get(key)
+        if value is not None and value < least:
+            raise ConfigError(f"trainer.{key} must be at least {least}, got {value}")
+    every = cfg.trainer.get("check_val_every_n_epoch")
+    if every is not None and every < 1:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch must be at least 1 or null, got {every}"
+        )
+    if cfg.get("init_from"):
+        from dpvae.pipeline import INIT_FROM_FIX
+
+        find_checkpoint(cfg.init_from, INIT_FROM_FIX)
+
+
 def train_work(cfg: DictConfig) -> int:
     """Train from a composed configuration, writing the run folder.
 
@@ -184,10 +236,7 @@ def train_work(cfg: DictConfig) -> int:
     """
     import warnings
 
-    require(
-        cfg.embedding.batch_size >= 1,
-        f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
-    )
+    _check_train(cfg)
     reference = cfg.data.reference
     if not isinstance(reference, str):
         reference = ", ".join(str(r) for r in reference)
@@ -328,6 +377,7 @@ coordinates. The query file is never modified.
 
 def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     from dpvae.errors import ConfigError, check_options
+    from dpvae.paths import LOAD_FIX, check_exists, find_checkpoint
 
     query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
     if output.resolve() == query.resolve():
@@ -340,6 +390,8 @@ def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
         if path.exists() and not cfg.overwrite:
             raise ConfigError(f"{path} exists; choose another output or add overwrite=true")
     check_options(cfg.mode, cfg.k, cfg.n_iter, cfg.expression_weight)
+    find_checkpoint(cfg.checkpoint, LOAD_FIX)  # before torch is imported: a typo answered at once
+    check_exists(query)
     return query, output
 
 

@@ -18,86 +18,13 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from dpvae.data import EMBEDDED, embedded_path
 from dpvae.errors import DataError
+from dpvae.paths import check_exists as check_exists
+from dpvae.paths import resolve_path as resolve_path
+from dpvae.paths import resolve_references as resolve_references
 
 #: Feature-name prefix of MERFISH negative-control barcodes, dropped by the input hygiene.
 BLANK_PREFIX = "Blank"
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Turn a user's data argument into a file path: an embedded dataset name or a real path."""
-    text = str(path)
-    if text in EMBEDDED:
-        return embedded_path(text)
-    return Path(text).expanduser()
-
-
-def _glob_chars(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-def resolve_references(reference: Any) -> list[tuple[str, Any]]:
-    """A reference argument as ``(section name, path or AnnData)`` pairs, in order.
-
-    ``reference``: an AnnData, a path or embedded dataset name, a folder (its ``*.h5ad`` files,
-    sorted by name), a glob pattern, or a list of any of these. Section names are the file names
-    without ``.h5ad`` (made unique with ``-1``, ``-2`` ...; ``section0`` ... for AnnData objects).
-
-    Raises:
-        DataError: a listed file does not exist (named), the same file is listed twice, a folder or
-            pattern matches no ``.h5ad`` file, or the list is empty.
-    """
-    items = list(reference) if isinstance(reference, list | tuple) else [reference]
-    if not hasattr(reference, "obs_names") and not items:
-        raise DataError("data.reference is an empty list; give at least one .h5ad file")
-    found: list[tuple[str, Any]] = []
-    for pos, item in enumerate(items):
-        if hasattr(item, "obs_names"):
-            found.append((f"section{pos}", item))
-            continue
-        text = str(item)
-        p = resolve_path(text)
-        if text not in EMBEDDED and _glob_chars(text) and not p.exists():
-            matches = sorted(Path(m) for m in __import__("glob").glob(str(p)))
-            matches = [m for m in matches if m.suffix == ".h5ad" and m.is_file()]
-            if not matches:
-                raise DataError(f"{text}: the pattern matches no .h5ad file")
-            found += [(m.name.removesuffix(".h5ad"), m) for m in matches]
-        elif p.is_dir():
-            matches = sorted(m for m in p.glob("*.h5ad") if m.is_file())
-            if not matches:
-                raise DataError(
-                    f"{p}: is a folder with no .h5ad file in it; give an .h5ad file, a folder of "
-                    "them or a list [a.h5ad,b.h5ad]"
-                )
-            found += [(m.name.removesuffix(".h5ad"), m) for m in matches]
-        else:
-            if len(items) > 1 and not p.exists():
-                raise DataError(
-                    f"{p}: no such file (item {pos + 1} of data.reference's {len(items)}); "
-                    "fix the path or drop it from the list"
-                )
-            found.append((p.name.removesuffix(".h5ad") if text not in EMBEDDED else text, p))
-    seen: dict[str, int] = {}
-    paths: dict[Path, str] = {}
-    out = []
-    for name, source in found:
-        if isinstance(source, Path) and source.exists():
-            real = source.resolve()
-            if real in paths:
-                raise DataError(
-                    f"{source}: listed twice in data.reference (as {paths[real]!r} and again); "
-                    "give each section once"
-                )
-            paths[real] = name
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}-{seen[name]}"
-        else:
-            seen[name] = 0
-        out.append((name, source))
-    return out
 
 
 def check_h5ad(path: str | Path) -> Path:
@@ -106,12 +33,7 @@ def check_h5ad(path: str | Path) -> Path:
     Raises:
         DataError: the file does not exist, is a folder or is not HDF5.
     """
-    p = resolve_path(path)
-    if not p.exists():
-        hint = f" (embedded datasets: {', '.join(sorted(EMBEDDED))})"
-        raise DataError(f"{p}: no such file; give the path of an .h5ad file{hint}")
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder, not an .h5ad file; give the path of the file itself")
+    p = check_exists(path)
     if not h5py.is_hdf5(p):
         raise DataError(
             f"{p}: not an .h5ad file (not HDF5); save your data with AnnData.write_h5ad first"

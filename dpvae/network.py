@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from dpvae.config import instantiate, to_plain
-from dpvae.errors import DataError, require
+from dpvae.errors import OPTIMIZERS as OPTIMIZERS  # re-exported
+from dpvae.errors import DataError, check_model_options
 from dpvae.likelihoods import Likelihood
 from dpvae.nn import Decoder, Encoder
 from dpvae.preprocess import ExpressionTransform, Preprocessor, to_dense
@@ -28,8 +29,6 @@ DEFAULT_ENCODER = {"_target_": "dpvae.nn.MLPEncoder"}
 DEFAULT_DECODER = {"_target_": "dpvae.nn.MLPDecoder"}
 DEFAULT_LIKELIHOOD = {"_target_": "dpvae.likelihoods.GaussianLikelihood"}
 DEFAULT_REGULARIZER = {"_target_": "dpvae.regularizers.DPRegularizer"}
-#: ``model.optimizer``: AdamW's implementations (see :class:`dpvae.module.DPVAE`)
-OPTIMIZERS = ("fused", "foreach", "loop")
 
 
 def model_hparams(
@@ -56,23 +55,16 @@ def model_hparams(
         if isinstance(preprocess, Preprocessor)
         else Preprocessor.from_dict(dict(to_plain(preprocess)))
     )
-    require(
-        distance_on in ("mean", "sample"),
-        f"model.distance_on must be mean or sample, got {distance_on!r}",
+    check_model_options(
+        latent_dim=latent_dim,
+        beta=beta,
+        alpha=alpha,
+        warmup_epochs=warmup_epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        distance_on=distance_on,
+        optimizer=optimizer,
     )
-    require(
-        optimizer in OPTIMIZERS,
-        f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}",
-    )
-    require(latent_dim >= 1, f"model.latent_dim must be at least 1, got {latent_dim}")
-    for name, value in (
-        ("beta", beta),
-        ("alpha", alpha),
-        ("lr", lr),
-        ("weight_decay", weight_decay),
-    ):
-        require(value >= 0, f"model.{name} must be 0 or more, got {value}")
-    require(warmup_epochs >= 0, f"model.warmup_epochs must be 0 or more, got {warmup_epochs}")
     hparams = {
         "n_genes": int(n_genes),
         "preprocess": pre.to_dict(),

@@ -45,19 +45,20 @@ def configure_process(cfg: DictConfig) -> None:
 
 
 def load_initial_model(path: str | Path) -> Network:
-    """The trained model ``init_from`` names (a dpvae run's ``model.ckpt``), on the CPU.
+    """The trained model ``init_from`` names (a dpvae run's ``model.ckpt`` or its folder), on
+    the CPU.
 
     Raises:
         DataError: no such file, or not a dpvae model checkpoint.
     """
-    from dpvae.errors import DataError
     from dpvae.network import Network
+    from dpvae.paths import find_checkpoint
 
-    p = Path(str(path)).expanduser()
-    fix = "; init_from takes the model.ckpt of a dpvae run"
-    if not p.is_file():
-        raise DataError(f"{p}: no such checkpoint{fix}")
-    return Network.from_checkpoint(p, fix=fix)
+    return Network.from_checkpoint(find_checkpoint(path, INIT_FROM_FIX), fix=INIT_FROM_FIX)
+
+
+#: what ``init_from`` takes, ending its errors
+INIT_FROM_FIX = "; init_from takes the model.ckpt of a dpvae run"
 
 
 def build_datamodule(

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from dpvae.errors import ConfigError
+from dpvae.paths import CHECKPOINT_FILE as CHECKPOINT_FILE  # the model to use
 
 LOCK_FILE = ".lock"
 #: the files of a run folder (the embedding's name is :data:`dpvae.placement.EMBEDDING_FILE`)
-CHECKPOINT_FILE = "model.ckpt"  # the model to use (callbacks.checkpoint writes it)
 LAST_FILE = "last.ckpt"  # the latest epoch, with a monitor
 CONFIG_FILE = "config.yaml"
 FIGURE_FILE = "training.png"  # callbacks.report draws it

@@ -85,6 +85,14 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["data.val_fraction=0", "callbacks.checkpoint.monitor=val/loss"],
             "no validation cells",
         ),
+        "regularizer_scales": (
+            ["model.regularizer.init_scale=-1"],
+            "min_scale <= init_scale <= max_scale, got .*init_scale=-1.0",
+        ),
+        "regularizer_relative": (
+            ["model.regularizer.relative=5"],
+            r"model.regularizer.relative must be in \[0, 1\], got 5.0",
+        ),
         "optimizer": (
             ["model.optimizer=adam"],
             "model.optimizer must be one of fused, foreach, loop, got 'adam'",
@@ -115,6 +123,9 @@ CASES = [
     "stopping_monitor_typo",
     "stopping_mode",
     "stopping_patience",
+    "checkpoint_interval",
+    "regularizer_scales",
+    "regularizer_relative",
     "optimizer",
 ]
 

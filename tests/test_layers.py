@@ -121,6 +121,8 @@ def test_help_imports_no_torch(command: str) -> None:
 def test_the_first_line_comes_before_torch(command: str, tmp_path: Path) -> None:
     """Every command says what it is doing (its first stdout line) before it imports torch,
     Lightning or anndata: a user sees work start within the interpreter's own start-up."""
+    (tmp_path / "m.ckpt").write_bytes(b"")  # the command checks that its files exist first
+    (tmp_path / "q.h5ad").write_bytes(b"")
     argv = (
         [f"run_dir={tmp_path / 'run'}", "logger=none"]
         if command == "train"
@@ -147,3 +149,51 @@ def test_the_first_line_comes_before_torch(command: str, tmp_path: Path) -> None
     line = proc.stdout.strip().splitlines()[0]
     what = "training on osmfish" if command == "train" else "placing"
     assert line.startswith(f"FIRST {what}") and line.endswith("[]"), line
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("train", ["model.lr=-1"], "model.lr must be 0 or more, got -1"),
+        ("train", ["model.latent_dim=0"], "model.latent_dim must be at least 1"),
+        ("train", ["data.reference=MISSING/x.h5ad"], "x.h5ad: no such file"),
+        ("train", ["data.reference=[osmfish,MISSING/x.h5ad]"], "item 2 of data.reference"),
+        ("train", ["data.batch_size=1"], "data.batch_size must be at least 2, got 1"),
+        ("train", ["data.near_weight=2"], "data.near_weight must be in"),
+        ("train", ["trainer.max_epochs=-3"], "trainer.max_epochs must be at least -1, got -3"),
+        ("train", ["init_from=MISSING/model.ckpt"], "no such checkpoint; init_from takes"),
+        ("train", ["seed=-1"], "seed must be 0 or more"),
+        ("predict", ["checkpoint=MISSING/run", "query=QUERY"], "no such checkpoint; give a run"),
+        ("predict", ["checkpoint=CKPT", "query=MISSING/q.h5ad"], "q.h5ad: no such file"),
+    ],
+)
+def test_argument_errors_come_before_torch(
+    command: str, args: list[str], message: str, tmp_path: Path
+) -> None:
+    """A mistyped value or a missing file is answered (one line, exit 2) before torch,
+    Lightning or anndata are imported: in a tenth of a second, not four."""
+    (tmp_path / "m.ckpt").write_bytes(b"")
+    (tmp_path / "q.h5ad").write_bytes(b"")
+    names = {"MISSING": str(tmp_path / "missing"), "QUERY": str(tmp_path / "q.h5ad")}
+    names["CKPT"] = str(tmp_path / "m.ckpt")
+    for key, value in names.items():
+        args = [a.replace(key, value) for a in args]
+    extra = (
+        [f"run_dir={tmp_path / 'run'}", "logger=none"]
+        if command == "train"
+        else [f"output={tmp_path / 'o.h5ad'}"]
+    )
+    code = (
+        "import sys\n"
+        "import dpvae.cli as cli\n"
+        f"status = cli.{command}_main({[*args, *extra]!r})\n"
+        "heavy = [m for m in ('torch', 'lightning', 'anndata', 'wandb') if m in sys.modules]\n"
+        "print('STATUS', status, heavy)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "STATUS 2 []", (proc.stdout, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dpvae: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o.h5ad").exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dpvae.config import instantiate
+from dpvae.errors import ConfigError
 from dpvae.module import batch_pairs
 from dpvae.regularizers import DPRegularizer, NoRegularizer, StressRegularizer
 
@@ -50,7 +51,7 @@ def test_relative_dp_weights_short_pairs_more() -> None:
         reg.reset_scale(1.0)
         a, b = reg(short, coords, pairs).item(), reg(long, coords, pairs).item()
         assert (a > b) is short_costs_more, (relative, a, b)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="relative must be in"):
         DPRegularizer(relative=2.0)
 
 

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from dpvae.errors import ConfigError
+
 
 def condensed_index(pairs: Tensor, n: int) -> Tensor:
     """Positions of the pairs ``(i, j)``, ``i != j``, in :func:`torch.pdist`'s output over ``n``
@@ -118,7 +120,11 @@ class ScaledDistanceRegularizer(DistanceRegularizer):
     ) -> None:
         super().__init__()
         if not 0 < min_scale <= init_scale <= max_scale:
-            raise ValueError("need 0 < min_scale <= init_scale <= max_scale")
+            raise ConfigError(
+                "the regularizer's scales need 0 < min_scale <= init_scale <= max_scale, got "
+                f"min_scale={min_scale}, init_scale={init_scale}, max_scale={max_scale}; fix "
+                "model.regularizer.min_scale, init_scale or max_scale"
+            )
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
         self.log_min = math.log(min_scale)
         self.log_max = math.log(max_scale)
