@@ -37,12 +37,9 @@ class RunCheckpoint(ModelCheckpoint):
         every_n_epochs: int = 1,
         every_n_seconds: float = 30.0,
     ) -> None:
-        from dpvae.errors import require
+        from dpvae.errors import check_checkpoint_options
 
-        require(
-            every_n_seconds >= 0,
-            f"callbacks.checkpoint.every_n_seconds must be 0 or more, got {every_n_seconds}",
-        )
+        check_checkpoint_options(every_n_seconds=every_n_seconds, mode=mode)
         self.every_n_seconds = float(every_n_seconds)
         self._written_at = time.monotonic()
         self._wait = False

@@ -37,15 +37,9 @@ class WarmupEarlyStopping(EarlyStopping):
         mode: str = "min",
         **kwargs: Any,
     ) -> None:
-        from dpvae.errors import require, require_at_least
+        from dpvae.errors import check_stopping_options
 
-        require(
-            mode in ("min", "max"),
-            f"callbacks.early_stopping.mode must be min or max, got {mode!r}",
-        )
-        require_at_least(
-            "callbacks.early_stopping", every_n_epochs=(every_n_epochs, 1), patience=(patience, 1)
-        )
+        check_stopping_options(every_n_epochs=every_n_epochs, patience=patience, mode=mode)
         self.enabled = bool(monitor)
         self.every_n_epochs = int(every_n_epochs)
         super().__init__(

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dpvae.contracts import ReferenceData
-from dpvae.errors import require_at_least
+from dpvae.errors import check_spatial_options
 from dpvae.gathered_metrics import LatentDistortion, SpatialScores
 from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
 
@@ -74,14 +74,13 @@ class SpatialValidation(L.Callback):
         expression_weight: float = EXPRESSION_WEIGHT,
     ) -> None:
         super().__init__()
-        require_at_least(
-            "callbacks.spatial",
-            every_n_epochs=(every_n_epochs, 1),
-            k=(k, 1),
-            max_reference=(max_reference, 1),
-            max_query=(max_query, 1),
-            n_iter=(n_iter, 0),
-            expression_weight=(expression_weight, 0),
+        check_spatial_options(
+            every_n_epochs=every_n_epochs,
+            k=k,
+            max_reference=max_reference,
+            max_query=max_query,
+            n_iter=n_iter,
+            expression_weight=expression_weight,
         )
         self.every_n_epochs = int(every_n_epochs)
         self.k = k

@@ -176,30 +176,64 @@ and the logs; the same command again resumes an interrupted run.
 """
 
 
-#: the datamodule whose ``data.*`` options the training command checks before its imports (a
-#: user's own datamodule checks its options when it is built)
-DATAMODULE_TARGETS = ("dpvae.datamodules.ReferenceDataModule", "datamodules.ReferenceDataModule")
+#: the configuration's targets whose options the training command checks before its imports, by
+#: the rule functions their classes call when built (a user's own class checks its options then)
+PRECHECKS = {
+    "datamodules.ReferenceDataModule": "check_data_options",
+    "nn.MLPEncoder": "check_mlp_options",
+    "nn.MLPDecoder": "check_mlp_options",
+    "regularizers.DPRegularizer": "check_scale_options",
+    "regularizers.StressRegularizer": "check_scale_options",
+    "callbacks.RunCheckpoint": "check_checkpoint_options",
+    "callbacks.WarmupEarlyStopping": "check_stopping_options",
+    "callbacks.SpatialValidation": "check_spatial_options",
+}
 #: Lightning's integer trainer options and their least values (Lightning checks them too, but
 #: only once torch and Lightning are imported: four seconds for a typo)
 TRAINER_AT_LEAST = {"max_epochs": -1, "max_steps": -1, "log_every_n_steps": 0, "num_nodes": 1}
 
 
-def _check_section(check: Callable[..., None], section: DictConfig) -> None:
-    """``check(**section's values of check's keyword arguments)``, when the section has them all."""
+def _check_section(check: Callable[..., None], section: Any) -> None:
+    """``check(**the section's values of check's keyword arguments)``; a required one that the
+    section lacks skips the check."""
     import inspect
 
-    names = list(inspect.signature(check).parameters)
-    if all(name in section for name in names):
-        check(**{name: section[name] for name in names})
+    given = {}
+    for name, parameter in inspect.signature(check).parameters.items():
+        if name in section and section[name] is not None:
+            given[name] = section[name]
+        elif parameter.default is inspect.Parameter.empty:
+            return
+    check(**given)
+
+
+def _check_targets(node: Any, path: str = "") -> None:
+    """Every mapping of the configuration whose ``_target_`` :data:`PRECHECKS` names, checked;
+    a message that does not name its key gets the mapping's path in front (``model.encoder:``)."""
+    from dpvae import errors
+
+    if not isinstance(node, dict):
+        return
+    target = str(node.get("_target_") or "").removeprefix("dpvae.")
+    if target in PRECHECKS:
+        try:
+            _check_section(getattr(errors, PRECHECKS[target]), node)
+        except errors.ConfigError as exc:
+            if str(exc).startswith(path):
+                raise
+            raise errors.ConfigError(f"{path}: {exc}") from None
+    for key, value in node.items():
+        _check_targets(value, f"{path}.{key}" if path else str(key))
 
 
 def _check_train(cfg: DictConfig) -> None:
-    """The training options a user mistypes most, checked before torch, Lightning and anndata
-    are imported: the model's and the reference datamodule's values, the reference files,
-    ``init_from``, the seed and Lightning's integer options. The owners check their rules again
-    when built (:func:`dpvae.network.model_hparams`, the datamodule), with the same functions."""
+    """The training options, checked before torch, Lightning and anndata are imported: the
+    model's values, those of every part, datamodule and callback :data:`PRECHECKS` names, the
+    reference files, ``init_from``, the seed and Lightning's integer options. The owners check
+    their rules again when built (:func:`dpvae.network.model_hparams`, the datamodule, the
+    parts, the callbacks), with the same functions."""
     from dpvae.config import to_plain
-    from dpvae.errors import ConfigError, check_data_options, check_model_options
+    from dpvae.errors import ConfigError, check_model_options
     from dpvae.paths import check_exists, find_checkpoint, resolve_references
 
     require(cfg.seed >= 0, f"seed must be 0 or more, got {cfg.seed}")
@@ -207,11 +241,12 @@ def _check_train(cfg: DictConfig) -> None:
         cfg.embedding.batch_size >= 1,
         f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
     )
-    _check_section(check_model_options, cfg.model)
-    data = cfg.data
-    if str(data.get("_target_")) in DATAMODULE_TARGETS:
-        _check_section(check_data_options, data)
-        for _, source in resolve_references(to_plain(data.reference)):
+    plain = to_plain(cfg)
+    _check_section(check_model_options, plain["model"])
+    _check_targets(plain)
+    data = plain["data"]
+    if str(data.get("_target_")).removeprefix("dpvae.") == "datamodules.ReferenceDataModule":
+        for _, source in resolve_references(data.get("reference")):
             check_exists(source)
     for key, least in TRAINER_AT_LEAST.items():
         value = cfg.trainer.get(key)

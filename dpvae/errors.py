@@ -7,6 +7,8 @@ print that line and exit with status 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DPVAEError(Exception):
     """A problem with the user's input or configuration, explained in one line."""
@@ -144,3 +146,99 @@ def check_pair_options(far_pairs: int, near_weight: float) -> None:
         )
     if not 0.0 < near_weight < 1.0:
         raise ConfigError(f"data.near_weight must be in (0, 1), got {near_weight!r}")
+
+
+# The parts' and callbacks' rules: keyword arguments not given are not checked (their defaults
+# here pass), so the training command can check what the configuration sets and each owner
+# what it was given.
+
+#: the hidden layers' normalisations and activations of :func:`dpvae.nn.mlp.mlp` (torch's class names)
+NORMS = ("batch", "layer", "none")
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "elu": "ELU", "silu": "SiLU", "tanh": "Tanh"}
+
+
+def check_mlp_options(
+    *,
+    hidden: Any = (),
+    dropout: float = 0.0,
+    norm: str = "batch",
+    activation: str = "relu",
+    input_dropout: float = 0.0,
+    logvar_clamp: float = 1.0,
+) -> None:
+    """The MLP encoder's and decoder's options (``model.encoder.*``, ``model.decoder.*``)."""
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm '{norm}'; choose one of: {', '.join(NORMS)}")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation '{activation}'; choose one of: {', '.join(sorted(ACTIVATIONS))}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if any(int(h) <= 0 for h in hidden):
+        raise ConfigError(f"hidden layer widths must be positive, got {list(hidden)}")
+    require(0.0 <= input_dropout < 1.0, f"input_dropout must be in [0, 1), got {input_dropout}")
+    require(logvar_clamp > 0, f"logvar_clamp must be positive, got {logvar_clamp}")
+
+
+def check_scale_options(
+    *,
+    init_scale: float = 1.0,
+    min_scale: float = 1e-3,
+    max_scale: float = 1e3,
+    relative: float = 0.0,
+) -> None:
+    """A learned-scale regularizer's options (``model.regularizer.*``)."""
+    if not 0 < min_scale <= init_scale <= max_scale:
+        raise ConfigError(
+            "the regularizer's scales need 0 < min_scale <= init_scale <= max_scale, got "
+            f"min_scale={min_scale}, init_scale={init_scale}, max_scale={max_scale}; fix "
+            "model.regularizer.min_scale, init_scale or max_scale"
+        )
+    if not 0.0 <= relative <= 1.0:
+        raise ConfigError(f"model.regularizer.relative must be in [0, 1], got {relative}")
+
+
+def check_mode(key: str, mode: str) -> None:
+    """``mode`` of a monitor (``callbacks.KEY.mode``): min or max."""
+    require(mode in ("min", "max"), f"callbacks.{key}.mode must be min or max, got {mode!r}")
+
+
+def check_checkpoint_options(*, every_n_seconds: float = 0.0, mode: str = "min") -> None:
+    """``callbacks.checkpoint.*``."""
+    require(
+        every_n_seconds >= 0,
+        f"callbacks.checkpoint.every_n_seconds must be 0 or more, got {every_n_seconds}",
+    )
+    check_mode("checkpoint", mode)
+
+
+def check_stopping_options(
+    *, every_n_epochs: int = 1, patience: int = 1, mode: str = "min"
+) -> None:
+    """``callbacks.early_stopping.*``."""
+    check_mode("early_stopping", mode)
+    require_at_least(
+        "callbacks.early_stopping", every_n_epochs=(every_n_epochs, 1), patience=(patience, 1)
+    )
+
+
+def check_spatial_options(
+    *,
+    every_n_epochs: int = 1,
+    k: int = 1,
+    max_reference: int = 1,
+    max_query: int = 1,
+    n_iter: int = 0,
+    expression_weight: float = 0.0,
+) -> None:
+    """``callbacks.spatial.*``."""
+    require_at_least(
+        "callbacks.spatial",
+        every_n_epochs=(every_n_epochs, 1),
+        k=(k, 1),
+        max_reference=(max_reference, 1),
+        max_query=(max_query, 1),
+        n_iter=(n_iter, 0),
+        expression_weight=(expression_weight, 0),
+    )

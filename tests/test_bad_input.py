@@ -190,3 +190,43 @@ def test_a_command_s_fast_exit_keeps_its_status_output_and_exit_handlers() -> No
     assert proc.returncode == 3
     assert proc.stdout == "unflushed"
     assert proc.stderr.strip() == "handler ran"
+
+
+def _owners() -> dict[str, tuple[object, str]]:
+    from dpvae.callbacks import RunCheckpoint, SpatialValidation, WarmupEarlyStopping
+    from dpvae.datamodules import ReferenceDataModule
+    from dpvae.nn import MLPDecoder, MLPEncoder
+    from dpvae.regularizers import StressRegularizer
+
+    return {
+        "encoder": (lambda: MLPEncoder(10, 4, dropout=2.0), "dropout must be in"),
+        "decoder": (lambda: MLPDecoder(4, 10, norm="group"), "unknown norm 'group'"),
+        "regularizer": (lambda: StressRegularizer(max_scale=0.0), "min_scale <= init_scale"),
+        "datamodule": (lambda: ReferenceDataModule("osmfish", batch_size=1), "batch_size must"),
+        "checkpoint": (lambda: RunCheckpoint(".", every_n_seconds=-1), "every_n_seconds must"),
+        "stopping": (lambda: WarmupEarlyStopping(patience=0), "patience must be at least 1"),
+        "spatial": (lambda: SpatialValidation(max_query=0), "max_query must be at least 1"),
+    }
+
+
+@pytest.mark.parametrize(
+    "owner",
+    ["encoder", "decoder", "regularizer", "datamodule", "checkpoint", "stopping", "spatial"],
+)
+def test_owners_check_their_rules_from_python(owner: str) -> None:
+    """The command checks these before its imports; built from Python (a user's own pipeline),
+    each class checks the same rules with the same one-line error."""
+    from dpvae.errors import ConfigError
+
+    build, message = _owners()[owner]
+    with pytest.raises(ConfigError, match=message):
+        build()  # type: ignore[operator]
+
+
+def test_the_api_checks_the_model_s_values(osmfish_small: Path) -> None:
+    """``dpvae.fit`` (no command in front of it) refuses a bad model value, one line."""
+    import dpvae
+    from dpvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lr must be 0 or more"):
+        dpvae.fit(str(osmfish_small), "model.lr=-1", "logger=none")

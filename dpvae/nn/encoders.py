@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from dpvae.errors import require
+from dpvae.errors import check_mlp_options
 from dpvae.nn.dropout import ByteDropout
 from dpvae.nn.mlp import mlp, out_width
 
@@ -64,8 +64,7 @@ class MLPEncoder(Encoder):
         byte_dropout: bool = False,
     ) -> None:
         super().__init__(n_input, n_latent)
-        require(0.0 <= input_dropout < 1.0, f"input_dropout must be in [0, 1), got {input_dropout}")
-        require(logvar_clamp > 0, f"logvar_clamp must be positive, got {logvar_clamp}")
+        check_mlp_options(input_dropout=input_dropout, logvar_clamp=logvar_clamp)
         drop = ByteDropout if byte_dropout else nn.Dropout
         self.input_dropout = drop(input_dropout) if input_dropout > 0 else nn.Identity()
         self.body = mlp(n_input, hidden, dropout, norm, activation, byte_dropout=byte_dropout)

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from dpvae.errors import ConfigError
+from dpvae.errors import ACTIVATIONS, check_mlp_options
 from dpvae.nn.dropout import ByteDropout
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "elu": nn.ELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-_NORMS = ("batch", "layer", "none")
+_ACTIVATIONS = {name: getattr(nn, cls) for name, cls in ACTIVATIONS.items()}
 
 
 def mlp(
@@ -26,19 +25,10 @@ def mlp(
 
     The output width is ``hidden[-1]`` (or ``n_in`` when ``hidden`` is empty).
     """
-    if norm not in _NORMS:
-        raise ConfigError(f"unknown norm '{norm}'; choose one of: {', '.join(_NORMS)}")
-    if activation not in _ACTIVATIONS:
-        raise ConfigError(
-            f"unknown activation '{activation}'; choose one of: {', '.join(sorted(_ACTIVATIONS))}"
-        )
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    check_mlp_options(hidden=hidden, dropout=dropout, norm=norm, activation=activation)
     layers: list[nn.Module] = []
     width = n_in
     for h in hidden:
-        if int(h) <= 0:
-            raise ConfigError(f"hidden layer widths must be positive, got {list(hidden)}")
         layers.append(nn.Linear(width, int(h)))
         if norm == "batch":
             layers.append(nn.BatchNorm1d(int(h)))

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dpvae.errors import ConfigError
+from dpvae.errors import check_scale_options
 
 
 def condensed_index(pairs: Tensor, n: int) -> Tensor:
@@ -119,12 +119,7 @@ class ScaledDistanceRegularizer(DistanceRegularizer):
         learn_scale: bool = True,
     ) -> None:
         super().__init__()
-        if not 0 < min_scale <= init_scale <= max_scale:
-            raise ConfigError(
-                "the regularizer's scales need 0 < min_scale <= init_scale <= max_scale, got "
-                f"min_scale={min_scale}, init_scale={init_scale}, max_scale={max_scale}; fix "
-                "model.regularizer.min_scale, init_scale or max_scale"
-            )
+        check_scale_options(init_scale=init_scale, min_scale=min_scale, max_scale=max_scale)
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)), requires_grad=learn_scale)
         self.log_min = math.log(min_scale)
         self.log_max = math.log(max_scale)

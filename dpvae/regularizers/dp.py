@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dpvae.errors import ConfigError
+from dpvae.errors import check_scale_options
 from dpvae.regularizers.base import ScaledDistanceRegularizer, pair_distances, weighted_mean
 
 
@@ -28,8 +28,7 @@ class DPRegularizer(ScaledDistanceRegularizer):
 
     def __init__(self, relative: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= relative <= 1.0:
-            raise ConfigError(f"model.regularizer.relative must be in [0, 1], got {relative}")
+        check_scale_options(relative=relative)
         self.relative = relative
 
     def forward(
