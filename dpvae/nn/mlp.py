@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from dpvae.errors import ACTIVATIONS, check_mlp_options
-from dpvae.nn.dropout import ByteDropout
+from dpvae.nn.dropout import ByteDropout, Dropout
 
 _ACTIVATIONS = {name: getattr(nn, cls) for name, cls in ACTIVATIONS.items()}
 
@@ -36,7 +36,7 @@ def mlp(
             layers.append(nn.LayerNorm(int(h)))
         layers.append(_ACTIVATIONS[activation]())
         if dropout > 0:
-            layers.append(ByteDropout(dropout) if byte_dropout else nn.Dropout(dropout))
+            layers.append(ByteDropout(dropout) if byte_dropout else Dropout(dropout))
         width = int(h)
     return nn.Sequential(*layers)
 
