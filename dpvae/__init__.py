@@ -8,7 +8,8 @@ Layers, each importing only the ones above it:
 1. the maths: ``nn``, ``likelihoods``, ``regularizers``, ``module`` (the LightningModule),
    ``preprocess`` (the one preprocessing fit), ``solver``, ``metrics``, ``placement`` (the one owner
    of neighbour search, calibration and the embedding file), ``contracts``, ``io``, ``config``,
-   ``plotting``, ``loggers``;
+   ``plotting``, ``loggers``, and the torch-free ``errors`` (the option rules) and ``paths``
+   (what a data or model argument names), which the commands check before any heavy import;
 2. the application's wings: ``dpvae.datamodules`` and ``dpvae.callbacks`` (the checkout's
    ``datamodules/`` and ``callbacks/`` folders), which do not import each other;
 3. the composition root ``pipeline``, then the front ends ``api``, ``cli``, ``predict``,

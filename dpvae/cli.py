@@ -219,9 +219,11 @@ def _check_targets(node: Any, path: str = "") -> None:
         try:
             _check_section(getattr(errors, PRECHECKS[target]), node)
         except errors.ConfigError as exc:
-            if str(exc).startswith(path):
+            if str(exc).startswith(f"{path}."):
                 raise
             raise errors.ConfigError(f"{path}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a value of the wrong type in an added section
+            raise errors.ConfigError(f"{path}: a value of the wrong type ({exc})") from None
     for key, value in node.items():
         _check_targets(value, f"{path}.{key}" if path else str(key))
 

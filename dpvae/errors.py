@@ -14,7 +14,7 @@ class DPVAEError(Exception):
     """A problem with the user's input or configuration, explained in one line."""
 
 
-class ConfigError(DPVAEError):
+class ConfigError(DPVAEError, ValueError):
     """An unknown key, an unknown option or a bad value in the configuration."""
 
 

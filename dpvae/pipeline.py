@@ -58,7 +58,7 @@ def load_initial_model(path: str | Path) -> Network:
 
 
 #: what ``init_from`` takes, ending its errors
-INIT_FROM_FIX = "; init_from takes the model.ckpt of a dpvae run"
+INIT_FROM_FIX = "; init_from takes a dpvae run folder or its model.ckpt"
 
 
 def build_datamodule(

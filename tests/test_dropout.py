@@ -94,6 +94,23 @@ def test_dropout_is_torch_s_bit_for_bit(
     assert torch.equal(Dropout(p).eval()(x), x)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_dropout_follows_the_input_s_memory_layout(layout: str) -> None:
+    """torch fills the mask in the input's memory order: so does Dropout (same values, strides
+    and generator state for inputs that are not row-major)."""
+    base = torch.randn(2, 3, 40, 50)
+    x = {
+        "transposed": torch.randn(300, 200).t(),
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "sliced": base[:, 1:, ::2],
+    }[layout]
+    torch.manual_seed(3)
+    a, after_a = torch.nn.functional.dropout(x, 0.3, True), torch.rand(2)
+    torch.manual_seed(3)
+    b, after_b = Dropout(0.3).train()(x), torch.rand(2)
+    assert torch.equal(a, b) and a.stride() == b.stride() and torch.equal(after_a, after_b)
+
+
 def test_dropout_draws_its_own_mask_where_that_is_torch_s(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

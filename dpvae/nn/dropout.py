@@ -32,9 +32,11 @@ def uniform_draws_bernoulli() -> bool:
     """
     for shape in ((4099,), (300, 200)):
         first = torch.Generator().manual_seed(20261206)
-        mask = torch.empty(shape).bernoulli_(0.7, generator=first)
+        mask = torch.empty(shape, device="cpu").bernoulli_(0.7, generator=first)
         second = torch.Generator().manual_seed(20261206)
-        drawn = torch.rand(shape, dtype=torch.float64, generator=second) < 0.7
+        drawn = (
+            torch.empty(shape, dtype=torch.float64, device="cpu").uniform_(generator=second) < 0.7
+        )
         same = torch.equal(mask, drawn.to(mask.dtype))
         if not same or not torch.equal(first.get_state(), second.get_state()):
             return False
@@ -50,7 +52,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not (training and own and uniform_draws_bernoulli()):
         return F.dropout(x, p, training)
     keep = 1.0 - p
-    noise = (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype)
+    # drawn into a tensor of the input's layout, in memory order, as torch's empty_like noise is
+    noise = (torch.empty_like(x, dtype=torch.float64).uniform_() < keep).to(x.dtype)
     noise.div_(keep)
     if x.requires_grad:
         return x * noise
