@@ -32,7 +32,12 @@ from torch import Tensor
 from dpvae.network import OPTIMIZERS as OPTIMIZERS  # re-exported
 from dpvae.network import Parts, model_hparams
 from dpvae.preprocess import Preprocessor
-from dpvae.regularizers.base import accepts_weight, pair_distances, spatial_distances
+from dpvae.regularizers.base import (
+    accepts_weight,
+    all_pairs,
+    pair_distances,
+    spatial_distances,
+)
 
 #: the logged terms, in the order of :meth:`DPVAE._term_values` (lambda: scaled regularizers)
 TERM_NAMES = ("recon", "kl", "reg", "loss", "lambda")
@@ -40,18 +45,16 @@ TERM_NAMES = ("recon", "kl", "reg", "loss", "lambda")
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-_TRIU: dict[tuple[int, str], Tensor] = {}
-
-
 def batch_pairs(coords: Tensor, min_distance: float = 1e-12) -> Tensor:
     """All index pairs ``i < j`` of a batch whose cells are at distinct positions, shape (2, P),
-    in :func:`torch.pdist`'s order."""
-    n = coords.shape[0]
-    key = (n, str(coords.device))
-    if key not in _TRIU:  # one per batch size (and device): the same every step
-        _TRIU[key] = torch.triu_indices(n, n, offset=1, device=coords.device)
-    pairs = _TRIU[key]
-    return pairs[:, spatial_distances(coords, pairs) > min_distance]
+    in :func:`torch.pdist`'s order. When no two cells coincide (most batches) that is the shared
+    tensor of :func:`dpvae.regularizers.base.all_pairs`, which the pair distances then read
+    without a gather."""
+    pairs = all_pairs(coords.shape[0], coords.device)
+    keep = spatial_distances(coords, pairs) > min_distance
+    if bool(keep.all()):
+        return pairs
+    return pairs[:, keep]
 
 
 def weighted_median(values: Tensor, weight: Tensor) -> Tensor:

@@ -87,6 +87,31 @@ def test_batch_pairs_skip_coincident_cells() -> None:
     assert not np.any((pairs[0] == 0).numpy() & (pairs[1] == 1).numpy())
 
 
+@pytest.mark.parametrize("regularizer", [DPRegularizer, StressRegularizer])
+def test_all_pairs_read_without_a_gather_give_the_same_loss_and_gradients(
+    regularizer: type,
+) -> None:
+    """A batch without coincident cells gets the one shared all-pairs tensor, which the pair
+    distances read as the whole pdist output: the loss and every gradient are those of the
+    same pairs gathered by position, bit for bit."""
+    from dpvae.regularizers.base import all_pairs
+
+    torch.manual_seed(0)
+    coords = torch.rand(64, 2)
+    pairs = batch_pairs(coords)
+    assert pairs is all_pairs(64, coords.device)  # shared: no copy, no gather
+    results = []
+    for p in (pairs, pairs.clone()):  # the clone is read by position
+        z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        reg = regularizer()
+        reg.reset_scale(0.7)
+        loss = reg(z, coords, p)
+        loss.backward()
+        results.append((loss.detach(), z.grad, reg.log_scale.grad))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(s0, s1)
+
+
 def test_yaml_options_build() -> None:
     from dpvae.config import load_config
 
