@@ -244,7 +244,28 @@ def test_pair_distances_are_the_explicit_formula_in_value_and_gradient() -> None
     torch.testing.assert_close(dz, dz2)
     torch.testing.assert_close(d, d2)
     torch.testing.assert_close(grad, grad2)
-    # all in-batch pairs of batch_pairs are pdist's own order
+    # all in-batch pairs of batch_pairs are pdist's own order: read without a gather, they are
+    # the pairs' own distances; the same pairs in another order are read by position
     everything = batch_pairs(coords)
     assert everything.shape[1] == 40 * 39 // 2
-    torch.testing.assert_close(pair_distances(z, coords, everything)[1], torch.pdist(coords))
+    for p in (everything, everything.flip(1), everything.clone()):
+        explicit = torch.linalg.vector_norm(coords[p[0]] - coords[p[1]], dim=-1)
+        torch.testing.assert_close(pair_distances(z, coords, p)[1], explicit)
+        explicit_z = torch.sqrt(((z[p[0]] - z[p[1]]) ** 2).sum(-1) + 1e-10)
+        torch.testing.assert_close(pair_distances(z, coords, p)[0], explicit_z)
+
+
+def test_the_shared_pairs_serve_training_after_an_inference_mode_pass() -> None:
+    """Lightning's sanity check runs validation under inference mode first: the shared
+    all-pairs tensor it creates must still be gathered and saved for a backward pass later."""
+    from dpvae.regularizers.base import _ALL_PAIRS
+
+    _ALL_PAIRS.clear()
+    coords = torch.rand(37, 2)
+    with torch.inference_mode():
+        first = batch_pairs(coords)
+    pairs = batch_pairs(coords)
+    assert pairs is first and not pairs.is_inference()
+    z = torch.randn(37, 4, requires_grad=True)
+    (z[pairs[0]] - z[pairs[1]]).pow(2).sum().backward()  # a custom regularizer's gather
+    assert z.grad is not None and torch.isfinite(z.grad).all()

@@ -20,7 +20,12 @@ def all_pairs(n: int, device: torch.device) -> Tensor:
     in place). Read at these pairs, a pdist output is itself: :func:`read_pairs` skips the gather."""
     key = (n, str(device))
     if key not in _ALL_PAIRS:
-        _ALL_PAIRS[key] = torch.triu_indices(n, n, offset=1, device=device)
+        # a normal tensor even when first asked for under inference mode (Lightning's sanity
+        # check): training gathers and saves it for the backward pass
+        with torch.inference_mode(False):
+            pairs = torch.triu_indices(n, n, offset=1, device=device)
+        _ALL_PAIRS[key] = pairs
+        _ALL_PAIRS[(n, str(pairs.device))] = pairs  # "cuda" asked, "cuda:0" read back
     return _ALL_PAIRS[key]
 
 
