@@ -188,9 +188,21 @@ PRECHECKS = {
     "callbacks.WarmupEarlyStopping": "check_stopping_options",
     "callbacks.SpatialValidation": "check_spatial_options",
 }
-#: Lightning's integer trainer options and their least values (Lightning checks them too, but
-#: only once torch and Lightning are imported: four seconds for a typo)
-TRAINER_AT_LEAST = {"max_epochs": -1, "max_steps": -1, "log_every_n_steps": 0, "num_nodes": 1}
+#: Lightning's integer trainer options and their least values when set (Lightning checks them
+#: too, but only once torch and Lightning are imported: four seconds for a typo)
+TRAINER_AT_LEAST = {
+    "max_epochs": -1,
+    "max_steps": -1,
+    "log_every_n_steps": 0,
+    "num_nodes": 1,
+    "check_val_every_n_epoch": 1,
+}
+
+
+def _target_name(node: dict[str, Any]) -> str:
+    """A configuration mapping's ``_target_`` without the ``dpvae.`` prefix (the checkout's
+    ``callbacks.X`` and the package's ``dpvae.callbacks.X`` are one class)."""
+    return str(node.get("_target_") or "").removeprefix("dpvae.")
 
 
 def _check_section(check: Callable[..., None], section: Any) -> None:
@@ -214,7 +226,7 @@ def _check_targets(node: Any, path: str = "") -> None:
 
     if not isinstance(node, dict):
         return
-    target = str(node.get("_target_") or "").removeprefix("dpvae.")
+    target = _target_name(node)
     if target in PRECHECKS:
         try:
             _check_section(getattr(errors, PRECHECKS[target]), node)
@@ -235,10 +247,10 @@ def _check_train(cfg: DictConfig) -> None:
     their rules again when built (:func:`dpvae.network.model_hparams`, the datamodule, the
     parts, the callbacks), with the same functions."""
     from dpvae.config import to_plain
-    from dpvae.errors import ConfigError, check_model_options
+    from dpvae.errors import check_model_options, check_process_options, require_at_least
     from dpvae.paths import check_exists, find_checkpoint, resolve_references
 
-    require(cfg.seed >= 0, f"seed must be 0 or more, got {cfg.seed}")
+    check_process_options(seed=cfg.seed, threads=cfg.threads)
     require(
         cfg.embedding.batch_size >= 1,
         f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
@@ -247,18 +259,16 @@ def _check_train(cfg: DictConfig) -> None:
     _check_section(check_model_options, plain["model"])
     _check_targets(plain)
     data = plain["data"]
-    if str(data.get("_target_")).removeprefix("dpvae.") == "datamodules.ReferenceDataModule":
+    if _target_name(data) == "datamodules.ReferenceDataModule":
         for _, source in resolve_references(data.get("reference")):
             check_exists(source)
-    for key, least in TRAINER_AT_LEAST.items():
-        value = cfg.trainer.get(key)
-        if value is not None and value < least:
-            raise ConfigError(f"trainer.{key} must be at least {least}, got {value}")
-    every = cfg.trainer.get("check_val_every_n_epoch")
-    if every is not None and every < 1:
-        raise ConfigError(
-            f"trainer.check_val_every_n_epoch must be at least 1 or null, got {every}"
-        )
+    trainer = plain["trainer"]
+    set_values = {
+        k: (trainer[k], least)
+        for k, least in TRAINER_AT_LEAST.items()
+        if trainer.get(k) is not None
+    }
+    require_at_least("trainer", **set_values)
     if cfg.get("init_from"):
         from dpvae.pipeline import INIT_FROM_FIX
 

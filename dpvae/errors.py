@@ -62,6 +62,13 @@ def check_options(mode: str, k: int, n_iter: int, expression_weight: float) -> N
 # them (the model, the datamodule) when they are built from Python. One function each keeps the
 # two the same.
 
+
+def check_process_options(*, seed: int, threads: int | None) -> None:
+    """The run's ``seed`` and torch's CPU ``threads`` (null: torch's default)."""
+    require(threads is None or threads >= 1, f"threads must be 1 or more (or null), got {threads}")
+    require(seed >= 0, f"seed must be 0 or more, got {seed}")
+
+
 #: AdamW's implementations (``model.optimizer``)
 OPTIMIZERS = ("fused", "foreach", "loop")
 

@@ -32,13 +32,9 @@ def configure_process(cfg: DictConfig) -> None:
     import lightning as L
     import torch
 
-    from dpvae.errors import require
+    from dpvae.errors import check_process_options
 
-    require(
-        cfg.threads is None or cfg.threads >= 1,
-        f"threads must be 1 or more (or null), got {cfg.threads}",
-    )
-    require(cfg.seed >= 0, f"seed must be 0 or more, got {cfg.seed}")
+    check_process_options(seed=cfg.seed, threads=cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

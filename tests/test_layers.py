@@ -163,6 +163,8 @@ def test_the_first_line_comes_before_torch(command: str, tmp_path: Path) -> None
         ("train", ["trainer.max_epochs=-3"], "trainer.max_epochs must be at least -1, got -3"),
         ("train", ["init_from=MISSING/model.ckpt"], "no such checkpoint; init_from takes"),
         ("train", ["seed=-1"], "seed must be 0 or more"),
+        ("train", ["threads=0"], "threads must be 1 or more (or null), got 0"),
+        ("train", ["trainer.check_val_every_n_epoch=0"], "check_val_every_n_epoch must be at"),
         ("train", ["model.encoder.dropout=2"], "model.encoder: dropout must be in [0, 1), got 2"),
         ("train", ["model.decoder.activation=foo"], "model.decoder: unknown activation 'foo'"),
         ("train", ["model.regularizer.init_scale=-1"], "model.regularizer: the regularizer's"),

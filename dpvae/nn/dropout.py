@@ -19,8 +19,8 @@ _OWN_DTYPES = (torch.float32, torch.float64)
 
 @functools.cache
 def uniform_draws_bernoulli() -> bool:
-    """Whether ``torch.rand(..., dtype=float64) < q`` is torch's CPU ``bernoulli_(q)``: the same
-    mask and the same generator state after it.
+    """Whether a float64 uniform draw compared with ``q`` (``empty(...).uniform_() < q``) is
+    torch's CPU ``bernoulli_(q)``: the same mask and the same generator state after it.
 
     On CPUs where torch draws a Bernoulli mask with its generic kernel (AMD's, and any build
     without MKL) each element is one float64 uniform compared with ``q``, drawn one at a time
