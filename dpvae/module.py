@@ -36,6 +36,7 @@ from dpvae.regularizers.base import (
     accepts_weight,
     all_pairs,
     pair_distances,
+    some_pairs,
     spatial_distances,
 )
 
@@ -47,14 +48,14 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 def batch_pairs(coords: Tensor, min_distance: float = 1e-12) -> Tensor:
     """All index pairs ``i < j`` of a batch whose cells are at distinct positions, shape (2, P),
-    in :func:`torch.pdist`'s order. When no two cells coincide (most batches) that is the shared
-    tensor of :func:`dpvae.regularizers.base.all_pairs`, which the pair distances then read
-    without a gather."""
+    in :func:`torch.pdist`'s order. When no two cells coincide that is the shared tensor of
+    :func:`dpvae.regularizers.base.all_pairs`, which the pair distances then read without a
+    gather; else :func:`dpvae.regularizers.base.some_pairs`, whose positions they read at."""
     pairs = all_pairs(coords.shape[0], coords.device)
     keep = spatial_distances(coords, pairs) > min_distance
     if bool(keep.all()):
         return pairs
-    return pairs[:, keep]
+    return some_pairs(keep, coords.shape[0])
 
 
 def weighted_median(values: Tensor, weight: Tensor) -> Tensor:

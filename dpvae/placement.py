@@ -888,7 +888,6 @@ def predict(
     coordinates under ``obsm[spatial_key]`` the benchmark's scores are added to ``info['scores']``
     (impute scores, or the rotation-invariant transfer scores for reconstruct).
     """
-    from dpvae.metrics import radius_scores, score_coordinates
     from dpvae.solver import reconstruct
 
     check_options(mode, k, n_iter, expression_weight)
@@ -1003,6 +1002,7 @@ def predict(
         info["n_reference_sections"] = n_sections
     if spatial_key in query.obsm and len(coords) >= 3:
         from dpvae.io import get_coordinates
+        from dpvae.metrics import radius_scores, score_coordinates  # scipy.stats: 0.5-0.8 s
 
         truth = get_coordinates(query, spatial_key)
         finite = np.all(np.isfinite(truth), axis=1) & ~empty

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from dpvae.config import instantiate
 from dpvae.errors import ConfigError
@@ -87,6 +88,21 @@ def test_batch_pairs_skip_coincident_cells() -> None:
     assert not np.any((pairs[0] == 0).numpy() & (pairs[1] == 1).numpy())
 
 
+def _assert_read_as_a_clone_is(regularizer: type, coords: Tensor, pairs: Tensor) -> None:
+    """The regularizer's loss and every gradient on ``pairs`` equal, bit for bit, those on a
+    clone of them (a tensor of no remembered kind, read through condensed_index by position)."""
+    results = []
+    for p in (pairs, pairs.clone()):
+        z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        reg = regularizer()
+        reg.reset_scale(0.7)
+        loss = reg(z, coords, p)
+        loss.backward()
+        results.append((loss.detach(), z.grad, reg.log_scale.grad))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(s0, s1)
+
+
 @pytest.mark.parametrize("regularizer", [DPRegularizer, StressRegularizer])
 def test_all_pairs_read_without_a_gather_give_the_same_loss_and_gradients(
     regularizer: type,
@@ -100,16 +116,7 @@ def test_all_pairs_read_without_a_gather_give_the_same_loss_and_gradients(
     coords = torch.rand(64, 2)
     pairs = batch_pairs(coords)
     assert pairs is all_pairs(64, coords.device)  # shared: no copy, no gather
-    results = []
-    for p in (pairs, pairs.clone()):  # the clone is read by position
-        z = torch.randn(64, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        reg = regularizer()
-        reg.reset_scale(0.7)
-        loss = reg(z, coords, p)
-        loss.backward()
-        results.append((loss.detach(), z.grad, reg.log_scale.grad))
-    (l0, g0, s0), (l1, g1, s1) = results
-    assert torch.equal(l0, l1) and torch.equal(g0, g1) and torch.equal(s0, s1)
+    _assert_read_as_a_clone_is(regularizer, coords, pairs)
 
 
 def test_yaml_options_build() -> None:
@@ -269,3 +276,53 @@ def test_the_shared_pairs_serve_training_after_an_inference_mode_pass() -> None:
     z = torch.randn(37, 4, requires_grad=True)
     (z[pairs[0]] - z[pairs[1]]).pow(2).sum().backward()  # a custom regularizer's gather
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_coordinate_pdist_is_torch_s_bit_for_bit(osmfish) -> None:  # type: ignore[no-untyped-def]
+    """The padded rows give torch.pdist's own distances (its partial-register path adds the
+    columns in order; a full register of columns at lanes 0, 4, 2, 1 sums them in that order):
+    on osmFISH's real 2-D positions, in 3-D and 4-D with magnitudes apart, and in a batch of
+    near-coincident cells. Elsewhere (1-D, 5-D, float64, a coordinate that needs a gradient)
+    pdist is called as it is."""
+    from dpvae.regularizers.base import coordinate_pdist, narrow_pdist_width
+
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # this project's machines: in use
+        assert narrow_pdist_width(2) == narrow_pdist_width(3) == 8
+    gen = torch.Generator().manual_seed(3)
+    real = torch.as_tensor(np.asarray(osmfish.obsm["spatial"], dtype=np.float32))
+    cases = [real[:900], (real[:900] - real.mean(0)) / real.std()]
+    for dim in (1, 2, 3, 4, 5):
+        scales = torch.logspace(-4, 4, dim)
+        cases.append(torch.randn(500, dim, generator=gen) * scales)
+    close = torch.randn(1, 3, generator=gen).repeat(300, 1)
+    cases.append(close + 1e-6 * torch.randn(300, 3, generator=gen))
+    for coords in cases:
+        assert torch.equal(coordinate_pdist(coords), torch.pdist(coords)), coords.shape
+    double = cases[3].double()
+    assert torch.equal(coordinate_pdist(double), torch.pdist(double))
+    grad = cases[3].clone().requires_grad_(True)
+    assert coordinate_pdist(grad).requires_grad
+
+
+@pytest.mark.parametrize("regularizer", [DPRegularizer, StressRegularizer])
+def test_a_batch_with_a_cell_twice_reads_its_pairs_at_their_remembered_positions(
+    regularizer: type,
+) -> None:
+    """A neighbour partner drawn among the sampled cells puts a cell twice in a batch: its pairs
+    with itself are left out, and the pair distances read the rest at the positions batch_pairs
+    remembered. The loss and every gradient are those of the same pairs located anew (a clone is
+    read through condensed_index), bit for bit; the positions are the pairs' own."""
+    from dpvae.regularizers import base
+    from dpvae.regularizers.base import all_pairs, condensed_index
+
+    torch.manual_seed(0)
+    coords = torch.rand(64, 2)
+    coords[[5, 40, 41]] = coords[[17, 3, 3]]  # three cells twice (one of them three times)
+    pairs = batch_pairs(coords)
+    assert pairs.shape[1] == 64 * 63 // 2 - 4
+    assert pairs is not all_pairs(64, coords.device)
+    kept = torch.pdist(coords)[condensed_index(pairs, 64)]
+    assert bool((kept > 0).all())
+    remembered, positions = base._SOME_PAIRS  # what read_pairs reads at
+    assert remembered is pairs and torch.equal(positions, condensed_index(pairs, 64))
+    _assert_read_as_a_clone_is(regularizer, coords, pairs)
