@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dpvae.errors import DataError
-from dpvae.run_folder import CHECKPOINT_FILE, CONFIG_FILE
+from dpvae.run_folder import CHECKPOINT_FILE, CONFIG_FILE, THROUGH_FILE
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -44,6 +44,11 @@ class Model:
         reference: the run's reference cells (:class:`dpvae.placement.ReferenceEmbedding`), or
             ``None`` (then :meth:`predict` needs ``reference=``).
         config: the configuration it was trained with, when known.
+        through: a fine-tuned model's starting model's reference cells, when its
+            cross-validation chose to place a query through them (:mod:`dpvae.anchors`): then
+            :meth:`predict` does so by default, carried into the frame of ``anchors``.
+        anchors: the cells the model was fine-tuned on (expression and coordinates; an AnnData
+            or its file), when known.
     """
 
     def __init__(
@@ -51,10 +56,17 @@ class Model:
         module: Parts,
         reference: ReferenceEmbedding | None = None,
         config: dict[str, Any] | None = None,
+        through: ReferenceEmbedding | None = None,
+        anchors: ad.AnnData | Path | None = None,
     ) -> None:
         self.module = module.cpu().eval()
         self.reference = reference
         self.config = config
+        self.through = through
+        self.anchors = anchors
+        #: a fine-tuned model's cross-validation (:class:`dpvae.finetune.CrossValidation`), when
+        #: it ran in this process
+        self.cross_validation: Any = None
 
     def __repr__(self) -> str:
         ref = (
@@ -84,8 +96,23 @@ class Model:
         return encode(self.module, adata, layer)[0]
 
     def _predict(self, adata: ad.AnnData, reference: Any = None, **kwargs: Any) -> Prediction:
-        from dpvae.placement import predict
+        from dpvae.placement import ReferenceEmbedding, predict
 
+        if self.through is not None and kwargs.get("mode", "impute") == "impute":
+            if kwargs.get("anchors") is None:
+                # a fine-tuned model that places through its starting model's cells: the
+                # reference given is the anchors (their expression and coordinates)
+                anchors = self.anchors if reference is None else reference
+                if anchors is None or isinstance(anchors, ReferenceEmbedding):
+                    raise DataError(
+                        "this fine-tuned model places cells through its starting model's "
+                        "reference cells and needs the cells it was fine-tuned on: pass "
+                        "reference=ANCHORS.h5ad (their expression and coordinates)"
+                    )
+                kwargs["anchors"] = anchors
+                reference = self.through
+            elif reference is None:
+                reference = self.through
         ref = self.reference if reference is None else reference
         return predict(self.module, adata, reference=ref, run_reference=self.reference, **kwargs)
 
@@ -147,12 +174,15 @@ class Model:
         that section in the anchors' frame.
         """
         head = ["init_from=<model in memory>"]
-        return _train(anchors, head, overrides, init=copy.deepcopy(self.module))
+        init = copy.deepcopy(self.module)
+        return _train(anchors, head, overrides, init=init, source=self.reference)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write a run folder: ``model.ckpt``, ``embedding.h5ad`` and ``config.yaml`` (if known).
 
-        :func:`load` and ``dpvae-predict checkpoint=PATH/model.ckpt`` read it back.
+        :func:`load` and ``dpvae-predict checkpoint=PATH/model.ckpt`` read it back (with
+        :attr:`through`, its cells go to ``through.h5ad``; the anchors are not written: pass
+        them as ``reference=`` when predicting from the folder).
         """
         from importlib.metadata import PackageNotFoundError, version
 
@@ -180,6 +210,8 @@ class Model:
             tmp.unlink(missing_ok=True)
         if self.reference is not None:
             self.reference.write(folder / EMBEDDING_FILE)
+        if self.through is not None:
+            self.through.write(folder / THROUGH_FILE)
         if self.config is not None:
             from omegaconf import OmegaConf
 
@@ -250,9 +282,16 @@ def fit(
     return _train(reference, head, overrides)
 
 
-def _train(reference: Any, head: list[str], overrides: Sequence[str], init: Any = None) -> Model:
+def _train(
+    reference: Any,
+    head: list[str],
+    overrides: Sequence[str],
+    init: Any = None,
+    source: ReferenceEmbedding | None = None,
+) -> Model:
     """Train in memory (no logger, no files) on ``reference`` with ``head`` then ``overrides``
-    composed onto the defaults; ``init``: a model to fine-tune. The one path of :func:`fit` and
+    composed onto the defaults; ``init``: a model to fine-tune, ``source`` its reference cells
+    (the route through them is scored). The one path of :func:`fit` and
     :meth:`Model.fine_tune`."""
     from dpvae import pipeline
     from dpvae.config import load_config, to_plain
@@ -267,10 +306,19 @@ def _train(reference: Any, head: list[str], overrides: Sequence[str], init: Any 
         head.append("data.reference=<AnnData in memory>")
     cfg = load_config([*head, *overrides])
     with _quiet_lightning(bool(cfg.get("verbose", False))):
-        done = pipeline.train(cfg, reference=_as_reference(reference), init=init)
+        done = pipeline.train(cfg, reference=_as_reference(reference), init=init, source=source)
     module = done.model.cpu().eval()
-    reference = embed_reference(module, done.data, calibration=done.calibration)
-    return Model(module, reference, to_plain(cfg))
+    cv = done.cross_validation
+    model = Model(
+        module, embed_reference(module, done.data, calibration=done.calibration), to_plain(cfg)
+    )
+    model.cross_validation = cv
+    if cv is not None and cv.route == "through":
+        from dpvae.io import read_h5ad
+
+        model.through = source
+        model.anchors = read_h5ad(reference) if isinstance(reference, str | Path) else reference
+    return model
 
 
 def load(path: str | Path) -> Model:
@@ -286,12 +334,23 @@ def load(path: str | Path) -> Model:
     reference = None
     if embedding.exists():
         reference = ReferenceEmbedding.read(embedding, int(module.hparams["latent_dim"]))
+    through = None
+    if (ckpt.parent / THROUGH_FILE).exists():
+        through = ReferenceEmbedding.read(
+            ckpt.parent / THROUGH_FILE, int(module.hparams["latent_dim"])
+        )
     config = None
     if (ckpt.parent / CONFIG_FILE).exists():
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(OmegaConf.load(ckpt.parent / CONFIG_FILE))
-    return Model(module, reference, dict(config) if isinstance(config, dict) else None)  # type: ignore[arg-type]
+    plain = dict(config) if isinstance(config, dict) else None
+    anchors = None
+    if through is not None and plain is not None:  # the fine-tuning cells' file, when it is one
+        named = (plain.get("data") or {}).get("reference")
+        if isinstance(named, str) and Path(named).expanduser().is_file():
+            anchors = Path(named).expanduser()
+    return Model(module, reference, plain, through=through, anchors=anchors)  # type: ignore[arg-type]
 
 
 def fit_predict(

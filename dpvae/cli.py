@@ -247,7 +247,12 @@ def _check_train(cfg: DictConfig) -> None:
     their rules again when built (:func:`dpvae.network.model_hparams`, the datamodule, the
     parts, the callbacks), with the same functions."""
     from dpvae.config import to_plain
-    from dpvae.errors import check_model_options, check_process_options, require_at_least
+    from dpvae.errors import (
+        check_finetune_options,
+        check_model_options,
+        check_process_options,
+        require_at_least,
+    )
     from dpvae.paths import check_exists, find_checkpoint, resolve_references
 
     check_process_options(seed=cfg.seed, threads=cfg.threads)
@@ -273,6 +278,7 @@ def _check_train(cfg: DictConfig) -> None:
         from dpvae.pipeline import INIT_FROM_FIX
 
         find_checkpoint(cfg.init_from, INIT_FROM_FIX)
+    check_finetune_options(route=str((plain.get("finetune") or {}).get("route", "auto")))
 
 
 def train_work(cfg: DictConfig) -> int:
@@ -300,6 +306,7 @@ def train_work(cfg: DictConfig) -> int:
         CONFIG_FILE,
         FIGURE_FILE,
         LAST_FILE,
+        THROUGH_FILE,
         RunLock,
         check_data,
         check_resume,
@@ -383,7 +390,20 @@ def train_work(cfg: DictConfig) -> int:
                 model, done.data, cfg.embedding.batch_size, calibration=done.calibration
             )
             embedding.write(run_dir / EMBEDDING_FILE)
-            names = (CHECKPOINT_FILE, LAST_FILE, CONFIG_FILE, EMBEDDING_FILE, FIGURE_FILE)
+            cv = done.cross_validation
+            if cv is not None and cv.route == "through" and cfg.get("init_from"):
+                # the query is placed through the starting run's cells: a copy travels with it
+                source = pipeline.source_reference(cfg.init_from, model)
+                if source is not None:
+                    source.write(run_dir / THROUGH_FILE)
+            names = (
+                CHECKPOINT_FILE,
+                LAST_FILE,
+                CONFIG_FILE,
+                EMBEDDING_FILE,
+                THROUGH_FILE,
+                FIGURE_FILE,
+            )
             written = [n for n in names if (run_dir / n).exists()]
             print(f"dpvae: wrote {run_dir}: {', '.join(written)}", file=sys.stderr)
             if (run_dir / "wandb").is_dir() and "Wandb" in str(cfg.logger.get("_target_") or ""):
@@ -439,6 +459,13 @@ def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     check_options(cfg.mode, cfg.k, cfg.n_iter, cfg.expression_weight)
     find_checkpoint(cfg.checkpoint, LOAD_FIX)  # before torch is imported: a typo answered at once
     check_exists(query)
+    if cfg.get("anchors"):
+        if cfg.mode != "impute" or cfg.n_iter:
+            raise ConfigError(
+                "anchors= places cells by impute's neighbour mean; use it with mode=impute and "
+                "n_iter=0"
+            )
+        check_exists(Path(cfg.anchors).expanduser())
     return query, output
 
 
@@ -485,6 +512,7 @@ def predict_work(cfg: DictConfig) -> int:
         align_query=cfg.align_query,
         allow_missing_genes=cfg.allow_missing_genes,
         reference_section=cfg.reference_section,
+        anchors=cfg.anchors,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -510,6 +538,12 @@ def predict_work(cfg: DictConfig) -> int:
         where = (
             f", reference section {info['reference_section']} of "
             f"{info.get('n_reference_sections', 1)}"
+        )
+    through = info.get("anchors")
+    if through:
+        where += (
+            f", through the reference, {through['n_anchors']} anchors: held-out error "
+            f"{through['held_out_mean_error']:.3g} (their units)"
         )
     radius = info.get("radius")
     if radius:

@@ -220,6 +220,18 @@ def check_checkpoint_options(*, every_n_seconds: float = 0.0, mode: str = "min")
     check_mode("checkpoint", mode)
 
 
+#: how fine-tuning's cells place the rest of their section (``finetune.route``)
+FINETUNE_ROUTES = ("auto", "anchors", "through")
+
+
+def check_finetune_options(*, route: str = "auto") -> None:
+    """``finetune.*``."""
+    require(
+        route in FINETUNE_ROUTES,
+        f"finetune.route must be one of {', '.join(FINETUNE_ROUTES)}, got {route!r}",
+    )
+
+
 def check_stopping_options(
     *, every_n_epochs: int = 1, patience: int = 1, mode: str = "min"
 ) -> None:

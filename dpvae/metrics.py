@@ -329,7 +329,8 @@ def score_coordinates(
         P: (n, d) predicted coordinates of the query cells.
         T: (n, d) true coordinates, rows aligned with ``P``.
         task: ``"impute"`` -> dist_pearson, dist_spearman, knn10, median_error;
-            ``"transfer"`` -> dist_pearson, dist_spearman, knn10, procrustes_rmse.
+            ``"transfer"`` -> dist_pearson, dist_spearman, knn10, procrustes_rmse (knn10 is NaN
+            for 10 cells or fewer).
         ref_nn_distance: reference median nearest-neighbour distance (required for impute).
 
     Returns:
@@ -349,7 +350,8 @@ def score_coordinates(
     out = {
         "dist_pearson": _pearson(dp, dt),
         "dist_spearman": _spearman(dp, dt),
-        "knn10": knn_overlap(p, t, k=10),
+        # a query of 10 cells or fewer has no 10 neighbours a cell: no knn10
+        "knn10": knn_overlap(p, t, k=10) if len(p) > 10 else float("nan"),
     }
     if task == "impute":
         assert ref_nn_distance is not None

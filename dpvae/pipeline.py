@@ -53,6 +53,18 @@ def load_initial_model(path: str | Path) -> Network:
     return Network.from_checkpoint(find_checkpoint(path, INIT_FROM_FIX), fix=INIT_FROM_FIX)
 
 
+def source_reference(path: str | Path, init: Any) -> Any:
+    """The reference cells of the run ``path`` (``init_from``) names: its ``embedding.h5ad``
+    (:class:`dpvae.placement.ReferenceEmbedding`), or ``None`` when the run has none."""
+    from dpvae.paths import find_checkpoint
+    from dpvae.placement import EMBEDDING_FILE, ReferenceEmbedding
+
+    embedding = find_checkpoint(path, INIT_FROM_FIX).parent / EMBEDDING_FILE
+    if not embedding.exists():
+        return None
+    return ReferenceEmbedding.read(embedding, int(init.hparams["latent_dim"]))
+
+
 #: what ``init_from`` takes, ending its errors
 INIT_FROM_FIX = "; init_from takes a dpvae run folder or its model.ckpt"
 
@@ -250,6 +262,7 @@ def train(
     init: Parts | None = None,
     previous: dict[str, Any] | None = None,
     extra_callbacks: Sequence[Any] = (),
+    source: Any = None,
 ) -> Trained:
     """Train the configured model.
 
@@ -263,6 +276,9 @@ def train(
             ``finetune.folds`` is 2 or more (:func:`dpvae.finetune.cross_validate`).
         previous: the run record of the checkpoint resumed (its cross-validation is reused).
         extra_callbacks: callbacks added to the configured ones.
+        source: the starting model's reference cells (:class:`dpvae.placement.ReferenceEmbedding`;
+            else those of ``cfg.init_from``'s run folder, when it has them): fine-tuning's
+            cross-validation then also scores the route through them (:mod:`dpvae.anchors`).
         on_start: called as ``on_start(data, logger, data_fingerprint)`` on rank zero after setup,
             before training
             (the command line writes ``config.yaml`` and prints its first line there).
@@ -273,6 +289,8 @@ def train(
     configure_process(cfg)
     if init is None and cfg.get("init_from"):
         init = load_initial_model(cfg.init_from)
+        if source is None:
+            source = source_reference(cfg.init_from, init)
     data = build_datamodule(cfg, reference, init)
     cv = None
     fit_cfg = cfg
@@ -286,7 +304,7 @@ def train(
         cv = CrossValidation.from_record(done_before) if done_before and folds >= 2 else None
         notes = getattr(data, "notes", None)
         if cv is None and _one_process(cfg):
-            cv = cross_validate(cfg, data, init)
+            cv = cross_validate(cfg, data, init, source)
             configure_process(cfg)  # the final fit's generators as without cross-validation
         elif cv is None and folds >= 2 and isinstance(notes, list):
             notes.append("fine-tuning cross-validation skipped: it runs on one device only")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from dpvae.errors import MODES as MODES  # re-exported: prediction's modes
-from dpvae.errors import DataError, DPVAEWarning, check_options
+from dpvae.errors import ConfigError, DataError, DPVAEWarning, check_options
 from dpvae.io import check_missing_genes
 
 if TYPE_CHECKING:
@@ -205,6 +205,35 @@ def place(
     return out
 
 
+def place_against(
+    model: Any,
+    ref: ReferenceEmbedding,
+    latent: Any,
+    pcs: Any,
+    *,
+    k: int,
+    expression_weight: float,
+    align_query: bool,
+    n_iter: int = 0,
+    spread: Tensor | None = None,
+) -> Tensor:
+    """:func:`place` of cells (latent codes, expression PCs) against the reference cells ``ref``,
+    in ``model``'s units (its frame and lambda)."""
+    return place(
+        latent,
+        ref.search_latent(),
+        model.preprocessor.coords_to_model(ref.coords),
+        query_pcs=pcs,
+        ref_pcs=ref.pcs,
+        scale=model.scale_value(),
+        k=k,
+        n_iter=n_iter,
+        expression_weight=expression_weight,
+        align_query=align_query,
+        spread=spread,
+    )
+
+
 # ------------------------------------------------------------------ per-cell uncertainty
 #: the probability a cell's radius holds its true position with
 RADIUS_COVERAGE = 0.9
@@ -298,7 +327,7 @@ def conformal_radius(
     for cal, against in splits:
         if len(cal) == 0 or len(against) == 0:
             continue
-        error, spread = placement_errors(
+        error, spread, _ = placement_errors(
             model,
             latent[cal],
             latent[against],
@@ -331,11 +360,12 @@ def placement_errors(
     ref_pcs: np.ndarray | None = None,
     k: int = NEIGHBOURS,
     expression_weight: float = EXPRESSION_WEIGHT,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(error, spread)`` of cells of known position placed against others as a query is.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(error, spread, placement)`` of cells of known position placed against others as a
+    query is.
 
     Coordinates are in any one frame (model units, or original units for both); the error
-    (distance of placement to truth) and the neighbour spread are in the same units.
+    (distance of placement to truth), the neighbour spread and the placement are in its units.
     """
     spread = torch.empty(len(query_latent), dtype=torch.float64)
     pred = place(
@@ -349,8 +379,9 @@ def placement_errors(
         expression_weight=expression_weight,
         spread=spread,
     )
-    error = np.linalg.norm(pred.cpu().numpy() - query_coords, axis=1)
-    return error, spread.numpy()
+    placed = pred.cpu().numpy()
+    error = np.linalg.norm(placed - query_coords, axis=1)
+    return error, spread.numpy(), placed
 
 
 def radius_record(scores: np.ndarray, floor: float, how: str) -> dict[str, Any]:
@@ -877,6 +908,7 @@ def predict(
     allow_missing_genes: bool = False,
     reference_section: str | None = None,
     run_reference: ReferenceEmbedding | None = None,
+    anchors: str | Path | ad.AnnData | None = None,
 ) -> Prediction:
     """Coordinates of the query's cells, in the reference's frame (impute) or up to rigid motion.
 
@@ -887,10 +919,19 @@ def predict(
     (classical MDS then SMACOF; landmarks above 3000 cells). When the query carries true
     coordinates under ``obsm[spatial_key]`` the benchmark's scores are added to ``info['scores']``
     (impute scores, or the rotation-invariant transfer scores for reconstruct).
+
+    ``anchors`` (impute only): cells of the query's own section with known positions; the query
+    is placed through the reference into the anchors' frame (:func:`dpvae.anchors.place_through`:
+    query and anchors placed in the reference's frame as one new section, then carried by the
+    motion fitted to the anchors), and its radius is calibrated on the anchors.
     """
     from dpvae.solver import reconstruct
 
     check_options(mode, k, n_iter, expression_weight)
+    if anchors is not None and (mode != "impute" or n_iter):
+        raise ConfigError(
+            "anchors= places cells by impute's neighbour mean; use it with mode=impute and n_iter=0"
+        )
     if query.n_obs == 0:
         raise DataError("the query has no cells; give a file with at least one cell")
     if not query.obs_names.is_unique:
@@ -926,10 +967,31 @@ def predict(
                     DPVAEWarning,
                     stacklevel=2,
                 )
+        del whole
+    if mode == "impute" and anchors is not None:
+        from dpvae.anchors import place_through
+        from dpvae.io import read_h5ad
+
+        coords, latent, radius, through = place_through(
+            model,
+            query,
+            read_h5ad(anchors) if isinstance(anchors, str | Path) else anchors,
+            ref,
+            k=k,
+            expression_weight=expression_weight,
+            spatial_key=spatial_key,
+            layer=layer,
+            seed=seed,
+            allow_missing_genes=allow_missing_genes,
+        )
+        empty = np.isnan(latent).any(axis=1)
+        calibration = through.pop("calibration", None)
+        spacing = pre.ref_nn_distance * through["scale"]  # the anchors' frame
+    elif mode == "impute":
+        through, spacing = None, pre.ref_nn_distance
         latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         std = np.full((len(latent), pre.spatial_dim), np.nan)
-        del whole
         calibration = (
             conformal_radius(model, ref, k=k, expression_weight=expression_weight, seed=seed)
             if n_iter == 0
@@ -938,13 +1000,11 @@ def predict(
         radius = np.full(len(latent), np.nan) if calibration is not None else None
         if (~empty).any():
             spread = torch.empty(int((~empty).sum()), dtype=torch.float64)
-            placed = place(
+            placed = place_against(
+                model,
+                ref,
                 latent[~empty],
-                ref.search_latent(),
-                pre.coords_to_model(ref.coords),
-                query_pcs=None if pcs is None else pcs[~empty],
-                ref_pcs=ref.pcs,
-                scale=model.scale_value(),
+                None if pcs is None else pcs[~empty],
                 k=k,
                 n_iter=n_iter,
                 expression_weight=expression_weight,
@@ -957,6 +1017,7 @@ def predict(
                 radius[~empty] = calibration["quantile"] * difficulty * pre.coord_scale
         coords = pre.coords_from_model(std)
     else:
+        through, spacing = None, pre.ref_nn_distance
         latent, _, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         if int((~empty).sum()) < 3:
@@ -995,8 +1056,10 @@ def predict(
             **calibration,
             "obs_key": RADIUS_KEY,
             "median": median,
-            "median_cell_spacings": median / pre.ref_nn_distance,
+            "median_cell_spacings": median / spacing,
         }
+    if through is not None:
+        info["anchors"] = through
     if section is not None and n_sections > 1:
         info["reference_section"] = section
         info["n_reference_sections"] = n_sections
@@ -1008,7 +1071,7 @@ def predict(
         finite = np.all(np.isfinite(truth), axis=1) & ~empty
         if finite.sum() >= 3:
             task = "impute" if mode == "impute" else "transfer"
-            nn = pre.ref_nn_distance if task == "impute" else None
+            nn = spacing if task == "impute" else None
             info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)
             if radius is not None:
                 info["scores"].update(radius_scores(coords[finite], truth[finite], radius[finite]))

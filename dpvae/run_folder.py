@@ -28,6 +28,8 @@ LOCK_FILE = ".lock"
 LAST_FILE = "last.ckpt"  # the latest epoch, with a monitor
 CONFIG_FILE = "config.yaml"
 FIGURE_FILE = "training.png"  # callbacks.report draws it
+#: a fine-tuned run that places through its starting model's reference cells: a copy of them
+THROUGH_FILE = "through.h5ad"
 
 
 @dataclass(frozen=True)

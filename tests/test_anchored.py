@@ -237,7 +237,7 @@ def test_anchored_only_methods_are_skipped_on_impute(tmp_path: Path) -> None:
         [
             f"data_dir={data}",
             "tasks=impute",
-            "methods=dpvae_anchors,dpvae_zeroshot,knn_regression",
+            "methods=dpvae_anchors,dpvae_zeroshot,dpvae_through,knn_regression",
             "seeds=0",
             f"out={out}",
             "threads=1",
@@ -252,8 +252,8 @@ def test_anchored_only_methods_are_skipped_on_impute(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # four spawned training processes: about 3 minutes on 2 busy shared cores
 def test_anchored_dpvae_variants_on_two_osmfish_halves(tmp_path: Path) -> None:
-    """Fine-tuned, zero-shot and anchors-only dpvae (a few epochs) on osmFISH cut in two: every
-    variant runs, the A model is trained once and reused with its seconds counted."""
+    """Fine-tuned, zero-shot, through-A and anchors-only dpvae (a few epochs) on osmFISH cut in
+    two: every variant runs, the A model is trained once and reused with its seconds counted."""
     full = ad.read_h5ad(embedded_path("osmfish"))
     xy = full.obsm["spatial"]
     small = full[np.sort(np.argsort(np.linalg.norm(xy - xy.mean(0), axis=1))[:600])].copy()
@@ -269,7 +269,7 @@ def test_anchored_dpvae_variants_on_two_osmfish_halves(tmp_path: Path) -> None:
                 f"data_dir={data}",
                 "tasks=anchored",
                 "pairs=half_a->half_b",
-                "methods=dpvae_zeroshot,dpvae,dpvae_anchors,knn_regression",
+                "methods=dpvae_zeroshot,dpvae,dpvae_through,dpvae_anchors,knn_regression",
                 "anchor_fractions=0.05",
                 "seeds=0",
                 f"out={out}",
@@ -282,7 +282,7 @@ def test_anchored_dpvae_variants_on_two_osmfish_halves(tmp_path: Path) -> None:
     assert code == 0
     rows = {(r["task"], r["method"]): r for r in _rows(out)}
     n_b = int((~left).sum())
-    for method in ("dpvae_zeroshot", "dpvae", "dpvae_anchors", "knn_regression"):
+    for method in ("dpvae_zeroshot", "dpvae", "dpvae_through", "dpvae_anchors", "knn_regression"):
         r = rows[("anchored", method)]
         assert r["status"] == "ok", r
         assert int(r["n_ref"]) == round(0.05 * n_b) == 15 and int(r["n_query"]) == n_b - 15
@@ -293,7 +293,7 @@ def test_anchored_dpvae_variants_on_two_osmfish_halves(tmp_path: Path) -> None:
     assert reused > 0 and float(rows[("anchored", "dpvae")]["wall_s"]) > reused
     assert len(list((out / "cache").iterdir())) == 1
     if hasattr(dpvae.Model, "predict_with_radius"):  # dpvae's calibrated 90% radius is scored
-        for method in ("dpvae_zeroshot", "dpvae", "dpvae_anchors"):
+        for method in ("dpvae_zeroshot", "dpvae", "dpvae_through", "dpvae_anchors"):
             assert 0 <= float(rows[("anchored", method)]["coverage90"]) <= 1
     assert (out / "figures" / "anchored__half_a__to__half_b__5pct.png").is_file()
     assert "## Anchored: fine-tuned dpvae against the others" in (out / "results.md").read_text()

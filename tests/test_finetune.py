@@ -45,6 +45,7 @@ def test_fine_tuning_on_13_anchors_then_placing_the_rest(
             f"data.reference={anchors}",
             f"run_dir={run}",
             "callbacks.freeze.modules=[encoder.body.0]",
+            "finetune.route=anchors",  # placed against the fine-tuned model's anchors
         ]
     )
     assert code == 0
@@ -151,7 +152,9 @@ def test_cross_validation_calibrates_the_radius_on_cells_no_fit_saw(
     covered, error = {}, {}
     for folds in (5, 0):
         # a learning rate that over-fits 60 anchors in 40 epochs
-        tuned = model.fine_tune(a, f"finetune.folds={folds}", "model.lr=0.003")
+        tuned = model.fine_tune(
+            a, f"finetune.folds={folds}", "model.lr=0.003", "finetune.route=anchors"
+        )
         xy, r = tuned.predict_with_radius(q)
         ok = np.isfinite(r)
         e = np.linalg.norm(xy - truth, axis=1)[ok]
@@ -184,3 +187,58 @@ def test_a_fit_of_no_step_leaves_a_model_to_predict_with(
     out = tmp_path / "placed.h5ad"
     assert predict_main([f"checkpoint={run / 'model.ckpt'}", f"query={rest}", f"output={out}"]) == 0
     assert np.isfinite(ad.read_h5ad(out).obsm["spatial_dpvae"]).all(axis=1).mean() > 0.95
+
+
+def test_the_route_through_the_starting_run_s_cells(
+    osmfish_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """finetune.route=through: the folds score both routes, the starting model is kept, its
+    run's cells travel in through.h5ad, and prediction places the rest of the section through
+    them into the anchors' (shifted) frame, from the command (with or without reference=) and
+    from Python; auto takes the route of the higher held-out dist_pearson."""
+    anchors, rest = _anchors(osmfish_run["query"], tmp_path, n=20, shift=1e4)
+    base = osmfish_run["run"] / "model.ckpt"
+    run = tmp_path / "through"
+    args = [f"init_from={base}", f"data.reference={anchors}", f"run_dir={run}"]
+    assert _train([*args, "finetune.route=through"]) == 0
+    err = capsys.readouterr().err
+    scores = re.search(
+        r"against the anchors (-?[\d.]+), through the starting model's reference", err
+    )
+    assert scores and "placed through its reference (the starting model kept)" in err, err
+    assert (run / "through.h5ad").exists()
+    kept, before = DPVAE.load_from_checkpoint(run / "model.ckpt"), DPVAE.load_from_checkpoint(base)
+    assert torch.equal(
+        kept.state_dict()["encoder.mu.weight"], before.state_dict()["encoder.mu.weight"]
+    )
+    truth = ad.read_h5ad(rest).obsm["spatial"]
+    placed = {}
+    for name, extra in (("given", [f"reference={anchors}"]), ("from_config", [])):
+        out = tmp_path / f"{name}.h5ad"
+        code = predict_main(
+            [f"checkpoint={run / 'model.ckpt'}", f"query={rest}", f"output={out}", *extra]
+        )
+        assert code == 0, capsys.readouterr().err
+        result = ad.read_h5ad(out)
+        assert result.uns["dpvae"]["anchors"]["n_anchors"] == 20
+        placed[name] = result.obsm["spatial_dpvae"]
+    assert np.array_equal(placed["given"], placed["from_config"], equal_nan=True)
+    xy = placed["given"]
+    assert np.linalg.norm(np.nanmean(xy, axis=0) - truth.mean(axis=0)) < 0.2 * np.ptp(truth[:, 0])
+    loaded = dpvae.load(run)
+    assert loaded.through is not None
+    assert np.array_equal(loaded.predict(ad.read_h5ad(rest)), xy, equal_nan=True)
+    given = loaded.predict(ad.read_h5ad(rest), anchors=ad.read_h5ad(anchors))
+    assert np.array_equal(given, xy, equal_nan=True)
+    # auto: the route of the higher pooled held-out dist_pearson
+    model = dpvae.load(osmfish_run["run"])
+    tuned = model.fine_tune(ad.read_h5ad(anchors), "finetune.route=auto")
+    cv = tuned.cross_validation
+    assert cv is not None and set(cv.scores) == {"anchors", "through"}
+    better = "through" if cv.scores["through"] > cv.scores["anchors"] else "anchors"
+    assert cv.route == better and (tuned.through is not None) == (better == "through")
+    # a bad route: one line before the imports, nothing written
+    bad = tmp_path / "bad"
+    assert _train([*args[:2], f"run_dir={bad}", "finetune.route=sideways"]) == 2
+    assert "finetune.route must be one of auto, anchors, through" in capsys.readouterr().err
+    assert not bad.exists()

@@ -59,6 +59,28 @@ def test_predict_command_round_trip(
     assert "dist_pearson 0." in capsys.readouterr().out
 
 
+def test_a_query_of_a_few_cells_with_positions_is_placed_and_scored(
+    osmfish_run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five query cells that carry their true positions (a user checking a handful of cells):
+    placed and scored as any query, knn10 left out (NaN: no cell has 10 others), no error."""
+    query, out = osmfish_run["query"], osmfish_run["tmp"] / "five.h5ad"
+    five = ad.read_h5ad(query)[:5].copy()
+    five.write_h5ad(osmfish_run["tmp"] / "five_in.h5ad")
+    code = predict_main(
+        [
+            f"checkpoint={osmfish_run['run'] / 'model.ckpt'}",
+            f"query={osmfish_run['tmp'] / 'five_in.h5ad'}",
+            f"output={out}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    scores = ad.read_h5ad(out).uns["dpvae"]["scores"]
+    assert np.isnan(scores["knn10"]) and np.isfinite(scores["median_error"])
+    coords = dpvae.load(osmfish_run["run"]).predict(five)
+    assert coords.shape == (5, 2) and np.isfinite(coords).all()
+
+
 def test_predict_python_api_reconstruct(osmfish_run: dict[str, Path]) -> None:
     model = dpvae.load(osmfish_run["run"])
     query = ad.read_h5ad(osmfish_run["query"])
