@@ -121,6 +121,11 @@ def route_from_placements(
             f"expression of the model's genes and coordinates, got {int(ok.sum())}; give more "
             "anchors"
         )
+    if not np.ptp(truth[ok], axis=0).any():
+        raise DataError(
+            "the anchors all share one position: no motion can be fitted to them; give "
+            "anchors at their own coordinates"
+        )
     motion = fit_motion(placed[ok], truth[ok])
     held_out = np.full(placed.shape, np.nan)
     n_folds = 0
@@ -136,6 +141,16 @@ def route_from_placements(
     return Route(motion, errors, held_out, spread * motion.scale, floor * motion.scale, n_folds)
 
 
+def cell_spacing(model: Parts, reference: ReferenceEmbedding) -> float:
+    """The reference cells' median nearest-neighbour distance, in their units (a fine-tuned
+    model's own frame is its anchors', far sparser than the reference it places through)."""
+    from dpvae.metrics import median_nn_distance
+
+    if len(reference) < 2:
+        return float(model.preprocessor.ref_nn_distance)
+    return median_nn_distance(reference.coords)
+
+
 def route_over_cells(
     model: Parts,
     reference: ReferenceEmbedding,
@@ -149,13 +164,13 @@ def route_over_cells(
     """The route through ``reference`` for cells of known position given as expression rows on
     the model's genes (``raw``, a datamodule's cells: fine-tuning's), their codes centred as one
     batch, with the folds ``fold``."""
-    from dpvae.placement import spread_floor
+    from dpvae.placement import SPREAD_FLOOR
 
     latent, pcs = model.embed(raw, with_pcs=True)
     ref, _ = reference.select_section(None)
     placed, spread = _in_reference_frame(model, ref, latent, pcs, k, expression_weight)
-    pre = model.preprocessor
-    return route_from_placements(placed, spread, coords, spread_floor(pre) * pre.coord_scale, fold)
+    floor = SPREAD_FLOOR * cell_spacing(model, ref)
+    return route_from_placements(placed, spread, coords, floor, fold)
 
 
 def _in_reference_frame(
@@ -215,7 +230,7 @@ def place_through(
     to ``uns['dpvae']['anchors']`` and ``['radius']``.
     """
     from dpvae.io import get_coordinates
-    from dpvae.placement import encode, radius_record, spread_floor
+    from dpvae.placement import SPREAD_FLOOR, encode, radius_record
 
     pre = model.preprocessor
     truth = get_coordinates(anchors, spatial_key)
@@ -224,14 +239,17 @@ def place_through(
             f"the anchors' obsm['{spatial_key}'] has {truth.shape[1]} columns, the model's "
             f"reference {pre.spatial_dim}; give anchors of the same dimension"
         )
-    a_latent, a_pcs, _ = encode(model, anchors, layer, allow_missing_genes=allow_missing_genes)
+    a_latent, a_pcs, _ = encode(
+        model, anchors, layer, allow_missing_genes=allow_missing_genes, what="the anchors file"
+    )
     q_latent, q_pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
     n_a = len(a_latent)
     both_pcs = None if a_pcs is None or q_pcs is None else np.concatenate([a_pcs, q_pcs])
     coords, spread = _in_reference_frame(
         model, reference, np.concatenate([a_latent, q_latent]), both_pcs, k, expression_weight
     )
-    floor = spread_floor(pre) * pre.coord_scale
+    spacing = cell_spacing(model, reference)
+    floor = SPREAD_FLOOR * spacing
     fold = anchor_folds(n_a, seed, min(ANCHOR_FOLDS, n_a)) if n_a > MIN_ANCHORS else None
     route = route_from_placements(coords[:n_a], spread[:n_a], truth, floor, fold)
     placed = route.motion(coords[n_a:])
@@ -262,6 +280,7 @@ def place_through(
         "rotation": route.motion.rotation.tolist(),
         "held_out_mean_error": route.mean_error(),
         "folds": route.folds,
+        "cell_spacing": spacing * route.motion.scale,  # the reference's, in the anchors' units
     }
     if calibration is not None:
         record["calibration"] = calibration

@@ -212,6 +212,8 @@ class Model:
             self.reference.write(folder / EMBEDDING_FILE)
         if self.through is not None:
             self.through.write(folder / THROUGH_FILE)
+        else:  # a folder written over: no stale route through another run's cells
+            (folder / THROUGH_FILE).unlink(missing_ok=True)
         if self.config is not None:
             from omegaconf import OmegaConf
 

@@ -390,12 +390,13 @@ def train_work(cfg: DictConfig) -> int:
                 model, done.data, cfg.embedding.batch_size, calibration=done.calibration
             )
             embedding.write(run_dir / EMBEDDING_FILE)
-            cv = done.cross_validation
-            if cv is not None and cv.route == "through" and cfg.get("init_from"):
-                # the query is placed through the starting run's cells: a copy travels with it
-                source = pipeline.source_reference(cfg.init_from, model)
-                if source is not None:
-                    source.write(run_dir / THROUGH_FILE)
+        cv = done.cross_validation
+        if done.trainer.is_global_zero and cv is not None and cv.route == "through":
+            # the query is placed through the starting run's cells: a copy travels with it
+            source = pipeline.source_reference(cfg.init_from, done.model)
+            if source is not None:
+                source.write(run_dir / THROUGH_FILE)
+        if done.trainer.is_global_zero and cfg.embedding.write:
             names = (
                 CHECKPOINT_FILE,
                 LAST_FILE,

@@ -226,7 +226,7 @@ def cross_validate(
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from dpvae.errors import DataError, check_finetune_options
+    from dpvae.errors import ConfigError, DataError, check_finetune_options
     from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, radius_record, spread_floor
 
     spec = cfg.get("finetune") or {}
@@ -234,6 +234,11 @@ def cross_validate(
     check_finetune_options(route=route)
     folds = folds_of(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
+    if route == "through" and (folds < 2 or max_epochs in (None, -1)):
+        raise ConfigError(
+            "finetune.route=through is scored by the folds: set finetune.folds to 2 or more and "
+            "trainer.max_epochs, or use finetune.route=anchors"
+        )
     if folds < 2 or max_epochs in (None, -1):
         return None
     cells = data.cells("train")
@@ -245,6 +250,11 @@ def cross_validate(
     n = len(cells)
     folds = min(folds, n)
     if folds < 2 or n - -(-n // folds) < MIN_FOLD_CELLS:  # the largest fold leaves too few
+        if route == "through":
+            raise DataError(
+                f"finetune.route=through needs folds of at least {MIN_FOLD_CELLS} training "
+                f"cells; {n} fine-tuning cells are too few: give more or use finetune.route=anchors"
+            )
         return None
     every = max(1, int(spec.get("every_n_epochs", 5) or 5))
     epochs = _probe_epochs(int(max_epochs), every)
@@ -258,7 +268,7 @@ def cross_validate(
     sub = OmegaConf.merge(
         cfg,
         {
-            "finetune": {"folds": 0},
+            "finetune": {"folds": 0, "route": "auto"},  # a fold fit: no folds of its own
             "logger": None,
             "trainer": {"devices": 1, "num_nodes": 1, "strategy": "auto"},
             "callbacks": {"report": None},

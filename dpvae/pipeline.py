@@ -289,7 +289,10 @@ def train(
     configure_process(cfg)
     if init is None and cfg.get("init_from"):
         init = load_initial_model(cfg.init_from)
-        if source is None:
+        from dpvae.finetune import folds_of
+
+        route = str((cfg.get("finetune") or {}).get("route", "auto") or "auto")
+        if source is None and route != "anchors" and folds_of(cfg) >= 2:
             source = source_reference(cfg.init_from, init)
     data = build_datamodule(cfg, reference, init)
     cv = None

@@ -631,14 +631,16 @@ def embed_reference(
 ENCODE_BLOCK = 65_536
 
 
-def _gene_columns(adata: ad.AnnData, genes: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+def _gene_columns(
+    adata: ad.AnnData, genes: list[str], what: str = "the query"
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(query columns, their positions among ``genes``, number of genes missing)."""
     position = {str(g): i for i, g in enumerate(adata.var_names)}
     src = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     present = src >= 0
     if not present.any():
         raise DataError(
-            f"the query shares no gene with the model's {len(genes)} genes (e.g. "
+            f"{what} shares no gene with the model's {len(genes)} genes (e.g. "
             f"{', '.join(map(str, list(genes)[:3]))}); check that both use the same gene ids"
         )
     return src[present], np.flatnonzero(present), int((~present).sum())
@@ -663,6 +665,7 @@ def encode(
     batch_size: int = 4096,
     allow_missing_genes: bool = False,
     block: int = ENCODE_BLOCK,
+    what: str = "the query",
 ) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Latent codes and expression PCs of ``adata``'s cells, genes matched to the model's by name.
 
@@ -682,11 +685,11 @@ def encode(
     from dpvae.neighbours import release_memory
 
     if adata.n_obs == 0:
-        raise DataError("the query has no cells; give a file with at least one cell")
+        raise DataError(f"{what} has no cells; give a file with at least one cell")
     genes = model.genes
-    src, dst, missing = _gene_columns(adata, genes)
+    src, dst, missing = _gene_columns(adata, genes, what)
     n_genes = len(genes)
-    check_missing_genes(missing, n_genes, "the query", allow_missing_genes)
+    check_missing_genes(missing, n_genes, what, allow_missing_genes)
     pre = model.preprocessor
     counts_only = pre.normalize or pre.log1p
     matrix = get_matrix(adata, layer)
@@ -986,7 +989,9 @@ def predict(
         )
         empty = np.isnan(latent).any(axis=1)
         calibration = through.pop("calibration", None)
-        spacing = pre.ref_nn_distance * through["scale"]  # the anchors' frame
+        if calibration is None:
+            radius = None
+        spacing = through["cell_spacing"]  # the reference's, in the anchors' frame
     elif mode == "impute":
         through, spacing = None, pre.ref_nn_distance
         latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)

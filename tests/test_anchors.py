@@ -93,10 +93,20 @@ def test_anchors_through_the_command_and_bad_anchors(
     del bare.obsm["spatial"]
     bare.write_h5ad(tmp_path / "bare.h5ad")
     anchors[:2].copy().write_h5ad(tmp_path / "two.h5ad")
+    one_place = anchors.copy()
+    one_place.obsm["spatial"] = np.zeros_like(anchors.obsm["spatial"])
+    one_place.write_h5ad(tmp_path / "one_place.h5ad")
+    anchors[:0].copy().write_h5ad(tmp_path / "none.h5ad")
+    renamed = anchors.copy()
+    renamed.var_names = [f"x{i}" for i in range(renamed.n_vars)]
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
     cases = {
         "nope.h5ad": "no such file",
         "bare.h5ad": "spatial",
         "two.h5ad": "at least 3 anchor cells",
+        "one_place.h5ad": "the anchors all share one position",
+        "none.h5ad": "the anchors file has no cells",
+        "renamed.h5ad": "the anchors file shares no gene",
     }
     for name, expected in cases.items():
         bad = tmp_path / f"bad_{name}"
@@ -104,6 +114,12 @@ def test_anchors_through_the_command_and_bad_anchors(
         err = capsys.readouterr().err
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
+    # three anchors: placed, too few to calibrate a radius, scored without a traceback
+    anchors[:3].copy().write_h5ad(tmp_path / "three.h5ad")
+    three = tmp_path / "three_out.h5ad"
+    assert predict_main([*common, f"output={three}", f"anchors={tmp_path / 'three.h5ad'}"]) == 0
+    assert "median_error" in ad.read_h5ad(three).uns["dpvae"]["scores"]
+    capsys.readouterr()
     code = predict_main(
         [*common, f"output={tmp_path / 'r.h5ad'}", "mode=reconstruct", f"anchors={tmp_path}/a"]
     )

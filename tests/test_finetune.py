@@ -230,6 +230,21 @@ def test_the_route_through_the_starting_run_s_cells(
     assert np.array_equal(loaded.predict(ad.read_h5ad(rest)), xy, equal_nan=True)
     given = loaded.predict(ad.read_h5ad(rest), anchors=ad.read_h5ad(anchors))
     assert np.array_equal(given, xy, equal_nan=True)
+    # the same placements and radius as the starting run's route (its cell spacing, not the
+    # anchors' far sparser one)
+    direct = dpvae.load(osmfish_run["run"])._predict(
+        ad.read_h5ad(rest), anchors=ad.read_h5ad(anchors)
+    )
+    assert np.allclose(direct.coords, xy, equal_nan=True)
+    via_run = loaded._predict(ad.read_h5ad(rest))
+    assert via_run.info["radius"]["median_cell_spacings"] == pytest.approx(
+        direct.info["radius"]["median_cell_spacings"]
+    )
+    # a folder saved over by a model without the route keeps no stale through.h5ad
+    copy = loaded.save(tmp_path / "copy")
+    assert (copy / "through.h5ad").exists()
+    dpvae.load(osmfish_run["run"]).save(copy, overwrite=True)
+    assert not (copy / "through.h5ad").exists() and dpvae.load(copy).through is None
     # auto: the route of the higher pooled held-out dist_pearson
     model = dpvae.load(osmfish_run["run"])
     tuned = model.fine_tune(ad.read_h5ad(anchors), "finetune.route=auto")
