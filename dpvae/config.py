@@ -68,6 +68,11 @@ RUN_NAME_IGNORES = (
 )
 
 
+#: keys added after a release, left out of the default run name at their default value: an
+#: upgrade keeps the folder a rerun of the same command resumes
+RUN_NAME_AT_DEFAULT = {"finetune.route": "auto"}
+
+
 def _run_name(*, _root_: Any) -> str:
     """``REFERENCE-HASH``: the reference's name and a hash of the configuration's values.
 
@@ -79,12 +84,13 @@ def _run_name(*, _root_: Any) -> str:
 
     tree = OmegaConf.to_container(_root_, resolve=False)
     assert isinstance(tree, dict)
-    for dotted in RUN_NAME_IGNORES:
+    for dotted in (*RUN_NAME_IGNORES, *RUN_NAME_AT_DEFAULT):
         node: Any = tree
         *parents, last = dotted.split(".")
         for part in parents:
             node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
+        default = RUN_NAME_AT_DEFAULT.get(dotted, node)  # node: never equal to a leaf value
+        if isinstance(node, dict) and (dotted in RUN_NAME_IGNORES or node.get(last) == default):
             node.pop(last, None)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
     data: Any = tree.get("data") if isinstance(tree.get("data"), dict) else {}

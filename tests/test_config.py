@@ -141,3 +141,15 @@ def load_config_raw() -> dict[str, dict[str, object]]:
     root = yaml.safe_load((CONF / "train.yaml").read_text())
     data = yaml.safe_load((CONF / "data" / "reference.yaml").read_text())
     return {"data": data, **{f"callbacks.{k}": v for k, v in root["callbacks"].items()}}
+
+
+def test_the_default_run_folder_keeps_its_name_across_releases() -> None:
+    """`python train.py` resumes its run folder after an upgrade only if the folder's name, a
+    hash of the configuration, stays the same: a key added since keeps it at its default value
+    (RUN_NAME_AT_DEFAULT) and changes it when set. A deliberate change of a default value renames
+    the folder; then update this name and say so in the changelog."""
+    from dpvae.config import load_config
+
+    assert str(load_config([]).run_dir) == "runs/osmfish-de4576280c"
+    assert str(load_config(["finetune.route=auto"]).run_dir) == "runs/osmfish-de4576280c"
+    assert str(load_config(["finetune.route=through"]).run_dir) != "runs/osmfish-de4576280c"
