@@ -391,11 +391,10 @@ def train_work(cfg: DictConfig) -> int:
             )
             embedding.write(run_dir / EMBEDDING_FILE)
         cv = done.cross_validation
-        if done.trainer.is_global_zero and cv is not None and cv.route == "through":
+        through = cv is not None and cv.route == "through" and done.source is not None
+        if done.trainer.is_global_zero and through:
             # the query is placed through the starting run's cells: a copy travels with it
-            source = pipeline.source_reference(cfg.init_from, done.model)
-            if source is not None:
-                source.write(run_dir / THROUGH_FILE)
+            done.source.write(run_dir / THROUGH_FILE)
         if done.trainer.is_global_zero and cfg.embedding.write:
             names = (
                 CHECKPOINT_FILE,
@@ -457,15 +456,10 @@ def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     for path in (output, output.with_suffix(".png")) if cfg.plot else (output,):
         if path.exists() and not cfg.overwrite:
             raise ConfigError(f"{path} exists; choose another output or add overwrite=true")
-    check_options(cfg.mode, cfg.k, cfg.n_iter, cfg.expression_weight)
+    check_options(cfg.mode, cfg.k, cfg.n_iter, cfg.expression_weight, bool(cfg.get("anchors")))
     find_checkpoint(cfg.checkpoint, LOAD_FIX)  # before torch is imported: a typo answered at once
     check_exists(query)
     if cfg.get("anchors"):
-        if cfg.mode != "impute" or cfg.n_iter:
-            raise ConfigError(
-                "anchors= places cells by impute's neighbour mean; use it with mode=impute and "
-                "n_iter=0"
-            )
         check_exists(Path(cfg.anchors).expanduser())
     return query, output
 

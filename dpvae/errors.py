@@ -43,10 +43,17 @@ def require_at_least(prefix: str, **limits: tuple[float, float]) -> None:
 MODES = ("impute", "reconstruct")
 
 
-def check_options(mode: str, k: int, n_iter: int, expression_weight: float) -> None:
-    """The placement options' rules (one line each), checked before any work."""
+def check_options(
+    mode: str, k: int, n_iter: int, expression_weight: float, anchors: bool = False
+) -> None:
+    """The placement options' rules (one line each), checked before any work; ``anchors``:
+    anchor cells are given (the route through the reference)."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if anchors and (mode != "impute" or n_iter):
+        raise ConfigError(
+            "anchors= places cells by impute's neighbour mean; use it with mode=impute and n_iter=0"
+        )
     from numbers import Integral, Real
 
     if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:

@@ -108,6 +108,11 @@ def folds_of(cfg: DictConfig) -> int:
     return int((cfg.get("finetune") or {}).get("folds", 0) or 0)
 
 
+def route_of(cfg: DictConfig) -> str:
+    """``cfg.finetune.route`` (``"auto"`` when the section or the key is absent or null)."""
+    return str((cfg.get("finetune") or {}).get("route", "auto") or "auto")
+
+
 def _probe_epochs(max_epochs: int, every: int) -> list[int]:
     """Epochs at which the held-out fold is placed: 0, every, 2 every, ..., max_epochs."""
     return sorted({0, max_epochs, *range(every, max_epochs, every)})
@@ -226,11 +231,12 @@ def cross_validate(
     """
     from omegaconf import DictConfig, OmegaConf
 
+    from dpvae.anchors import anchor_folds, route_over_cells
     from dpvae.errors import ConfigError, DataError, check_finetune_options
     from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, radius_record, spread_floor
 
     spec = cfg.get("finetune") or {}
-    route = str(spec.get("route", "auto") or "auto")
+    route = route_of(cfg)
     check_finetune_options(route=route)
     folds = folds_of(cfg)
     max_epochs = cfg.trainer.get("max_epochs")
@@ -264,7 +270,7 @@ def cross_validate(
         else np.unique(np.asarray(cells.section).astype(str), return_inverse=True)[1]
     )
     genes = list(init.genes)
-    fold = np.random.default_rng(int(cfg.seed)).permutation(n) % folds
+    fold = anchor_folds(n, int(cfg.seed), folds)
     sub = OmegaConf.merge(
         cfg,
         {
@@ -329,8 +335,6 @@ def cross_validate(
         and cells.section is None
         and "anchors" in cv.scores
     ):
-        from dpvae.anchors import route_over_cells
-
         found = route_over_cells(
             init,
             source,

@@ -245,6 +245,8 @@ class Trained:
     trainer: L.Trainer
     #: fine-tuning's cross-validation (:mod:`dpvae.finetune`), when it ran
     cross_validation: Any = None
+    #: the starting model's reference cells it scored the route through (:mod:`dpvae.anchors`)
+    source: Any = None
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -289,10 +291,9 @@ def train(
     configure_process(cfg)
     if init is None and cfg.get("init_from"):
         init = load_initial_model(cfg.init_from)
-        from dpvae.finetune import folds_of
+        from dpvae.finetune import folds_of, route_of
 
-        route = str((cfg.get("finetune") or {}).get("route", "auto") or "auto")
-        if source is None and route != "anchors" and folds_of(cfg) >= 2:
+        if source is None and route_of(cfg) != "anchors" and folds_of(cfg) >= 2:
             source = source_reference(cfg.init_from, init)
     data = build_datamodule(cfg, reference, init)
     cv = None
@@ -348,7 +349,7 @@ def train(
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its shutdown
             raise KeyboardInterrupt from None
         raise
-    return Trained(model=model, data=data, trainer=trainer, cross_validation=cv)
+    return Trained(model=model, data=data, trainer=trainer, cross_validation=cv, source=source)
 
 
 def _one_process(cfg: DictConfig) -> bool:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from dpvae.errors import MODES as MODES  # re-exported: prediction's modes
-from dpvae.errors import ConfigError, DataError, DPVAEWarning, check_options
+from dpvae.errors import DataError, DPVAEWarning, check_options
 from dpvae.io import check_missing_genes
 
 if TYPE_CHECKING:
@@ -930,11 +930,7 @@ def predict(
     """
     from dpvae.solver import reconstruct
 
-    check_options(mode, k, n_iter, expression_weight)
-    if anchors is not None and (mode != "impute" or n_iter):
-        raise ConfigError(
-            "anchors= places cells by impute's neighbour mean; use it with mode=impute and n_iter=0"
-        )
+    check_options(mode, k, n_iter, expression_weight, anchors is not None)
     if query.n_obs == 0:
         raise DataError("the query has no cells; give a file with at least one cell")
     if not query.obs_names.is_unique:
