@@ -211,8 +211,13 @@ class SpatialValidation(L.Callback):
         values = results[0][1]
         if len(results) > 1:
             values = {name: sum(n * v[name] for n, v in results) / total for name in values}
-        for name, value in values.items():
-            pl_module.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        scores = {f"val/{name}": float(value) for name, value in values.items()}
+        add = getattr(pl_module, "add_epoch_values", None)
+        if add is not None:  # dpvae's module: in the row of its validation means
+            add("val", scores)
+        else:
+            for name, value in scores.items():
+                pl_module.log(name, value, sync_dist=False, rank_zero_only=False)
         self.latest = (trainer.current_epoch, {k: float(v) for k, v in values.items()})
 
     def _score(

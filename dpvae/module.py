@@ -122,6 +122,9 @@ class DPVAE(Parts, L.LightningModule):
         # per-stage sums of the logged terms (times batch size) and cell counts this epoch
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
+        # per stage, the epoch's row of means not yet written and values callbacks added to it
+        self._rows: dict[str, dict[str, Tensor]] = {}
+        self._extra: dict[str, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ model
     def regularizer_on(self) -> bool:
@@ -187,15 +190,20 @@ class DPVAE(Parts, L.LightningModule):
         self.scale_initialised.fill_(True)
 
     # ---------------------------------------------------------------- logging
-    # Lightning's self.log costs about half a millisecond a value and a step (a result metric per
-    # key, moved and reduced every step): six of them were most of a small batch's step. The
-    # terms are summed here instead, on the device, without a host sync; a training step hands
-    # its values to Lightning only on the steps its logger writes (trainer.log_every_n_steps),
-    # and every epoch's batch-size-weighted means are logged once, at its last batch (so that
-    # callbacks' on_train_epoch_end see them, as Lightning's on_epoch logging would). The keys:
-    # train/X_step and train/X_epoch, as on_step + on_epoch logging named them, and val/X
-    # (validation logs epoch means only). Few keys matter too: Lightning moves every logged
-    # key's state every epoch, a cost that dominates the epochs of a small array.
+    # Lightning's self.log costs about half a millisecond a value (it moves the key's result
+    # metric, walking its whole state, on every call): six a step were most of a small batch's
+    # step, and a dozen an epoch were 15% of a 250-spot array's fit. The terms are summed here
+    # instead, on the device, without a host sync, and the values (final: epoch means already
+    # reduced over DDP ranks, or one step's) go to the trainer directly, where self.log's would
+    # have gone, at the same moments and steps: trainer.callback_metrics (what callbacks such as
+    # early stopping and checkpointing read), the progress bar, and the loggers through the
+    # trainer's logger connector (Lightning's own step and "epoch" keys, rank zero only). A
+    # training step's values go out on the steps the logger writes
+    # (trainer.log_every_n_steps); an epoch's batch-size-weighted means once, in callback_metrics
+    # at its last batch (so that callbacks' on_train_epoch_end see them) and to the loggers at
+    # its end. The keys: train/X_step and train/X_epoch, as on_step + on_epoch logging named
+    # them, and val/X (validation logs epoch means only), in one row with the values callbacks
+    # add with :meth:`add_epoch_values` (the spatial scores).
 
     def _term_values(self, terms: Mapping[str, Tensor], loss: Tensor) -> Tensor:
         """(recon, kl, reg, loss[, lambda]) of a batch as one detached float64 vector."""
@@ -210,8 +218,40 @@ class DPVAE(Parts, L.LightningModule):
         self._sums[stage] = values * n if sums is None else sums + values * n
         self._counts[stage] = self._counts.get(stage, 0) + n
 
+    def _hand_over(
+        self,
+        values: dict[str, Tensor],
+        bar: dict[str, Tensor] | None = None,
+        write: bool = True,
+        epoch_end: bool = False,
+    ) -> None:
+        """``values`` to the trainer's callback metrics (and ``bar`` to its progress bar), and with
+        ``write`` to its loggers, as one row: at the logger connector's step, or with
+        ``epoch_end`` at the epoch's last step (where Lightning writes a training epoch's row)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        trainer.callback_metrics.update(values)
+        if bar:
+            trainer.progress_bar_metrics.update({k: float(v) for k, v in bar.items()})
+        if not (write and values) or trainer.sanity_checking:
+            return
+        if epoch_end:
+            row: dict[str, Any] = {**values, "epoch": trainer.current_epoch}
+            trainer._logger_connector.log_metrics(row, step=max(trainer.global_step - 1, 0))
+        else:
+            trainer._logger_connector.log_metrics(values)
+
+    def add_epoch_values(self, stage: str, values: Mapping[str, float]) -> None:
+        """Values of this epoch's ``stage`` computed elsewhere (a callback's scores, the same on
+        every rank): to the callback metrics now, to the loggers in the row of the stage's means."""
+        tensors = {k: torch.tensor(float(v), device=self.device) for k, v in values.items()}
+        self._extra.setdefault(stage, {}).update(tensors)
+        self._hand_over(tensors, write=False)
+
     def _flush(self, stage: str) -> None:
-        """Log the epoch's weighted means of ``stage`` (summed over DDP ranks) and reset them."""
+        """The epoch's weighted means of ``stage`` (summed over DDP ranks) to the callback
+        metrics, their row kept for :meth:`_write`; the sums reset."""
         sums = self._sums.pop(stage, None)
         count = self._counts.pop(stage, 0)
         if sums is None or count == 0:
@@ -223,10 +263,15 @@ class DPVAE(Parts, L.LightningModule):
         means = (total[:-1] / total[-1]).float()
         names = TERM_NAMES[: len(means)]
         suffix = "_epoch" if stage == "train" else ""
-        kwargs: dict[str, Any] = {"on_step": False, "on_epoch": True, "batch_size": 1}
-        self.log_dict({f"{stage}/{k}{suffix}": v for k, v in zip(names, means)}, **kwargs)
-        if stage == "val":
-            self.log("val/loss_bar", means[3], prog_bar=True, logger=False, **kwargs)
+        row = {f"{stage}/{k}{suffix}": v for k, v in zip(names, means)}
+        bar = {"val/loss_bar": means[3]} if stage == "val" else None
+        self._hand_over(row, bar, write=False)
+        self._rows[stage] = row
+
+    def _write(self, stage: str) -> None:
+        """The epoch's row of ``stage`` (its means and the values added to it) to the loggers."""
+        row = {**self._rows.pop(stage, {}), **self._extra.pop(stage, {})}
+        self._hand_over(row, epoch_end=stage == "train")
 
     def _logging_step(self) -> bool:
         """Whether Lightning's logger writes this training step's values."""
@@ -236,9 +281,14 @@ class DPVAE(Parts, L.LightningModule):
         connector = getattr(trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
+    def _start(self, stage: str) -> None:
+        self._sums.pop(stage, None)
+        self._counts.pop(stage, None)
+        self._rows.pop(stage, None)
+        self._extra.pop(stage, None)
+
     def on_train_epoch_start(self) -> None:
-        self._sums.pop("train", None)
-        self._counts.pop("train", None)
+        self._start("train")
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         terms = self._losses(batch)
@@ -250,15 +300,8 @@ class DPVAE(Parts, L.LightningModule):
         if self._logging_step():
             step = values.float()
             names = TERM_NAMES[: len(step)]
-            self.log_dict(
-                {f"train/{k}_step": v for k, v in zip(names, step)},
-                on_step=True,
-                on_epoch=False,
-                batch_size=n,
-            )
-            self.log(
-                "train/loss_bar", step[3], prog_bar=True, logger=False, on_step=True, batch_size=n
-            )
+            row = {f"train/{k}_step": v for k, v in zip(names, step)}
+            self._hand_over(row, {"train/loss_bar": step[3]})
         trainer = self._trainer
         if trainer is not None and batch_idx + 1 == trainer.num_training_batches:
             self._flush("train")
@@ -266,10 +309,10 @@ class DPVAE(Parts, L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._flush("train")  # an epoch cut short (max_steps): its batches so far
+        self._write("train")
 
     def on_validation_epoch_start(self) -> None:
-        self._sums.pop("val", None)
-        self._counts.pop("val", None)
+        self._start("val")
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         terms = self._losses(batch)
@@ -279,6 +322,7 @@ class DPVAE(Parts, L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
+        self._write("val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = list(self.parameters())

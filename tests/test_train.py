@@ -287,9 +287,11 @@ class LossSpy(L.Callback):
 def test_logged_terms_are_the_epoch_means_and_the_logger_steps(
     osmfish_small: Path, tmp_path: Path
 ) -> None:
-    """The module sums its terms itself (no self.log per step): each epoch's train/loss_epoch is
-    the batch-size-weighted mean of the steps' losses, visible to callbacks at their
-    on_train_epoch_end, and the logger gets step values every trainer.log_every_n_steps."""
+    """The module sums its terms itself and hands the values to the trainer (no self.log): each
+    epoch's train/loss_epoch is the batch-size-weighted mean of the steps' losses, visible to
+    callbacks at their on_train_epoch_end; the logger gets step values every
+    trainer.log_every_n_steps, and the rows self.log gave: one validation row an epoch with the
+    spatial scores in it, the training epoch's row at its last step, each with its epoch."""
     import csv
 
     from dpvae import pipeline
@@ -304,6 +306,7 @@ def test_logged_terms_are_the_epoch_means_and_the_logger_steps(
             f"run_dir={tmp_path / 'run'}",
             "trainer.log_every_n_steps=2",
             "trainer.enable_progress_bar=false",
+            "callbacks.spatial.every_n_epochs=1",
             "+callbacks.spy={_target_: tests.test_train.LossSpy}",
             *FAST,
         ]
@@ -318,5 +321,14 @@ def test_logged_terms_are_the_epoch_means_and_the_logger_steps(
     rows = list(csv.DictReader(metrics.open()))
     steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
     assert len(steps) >= 4 and all((s + 1) % 2 == 0 for s in steps)
-    assert len([r for r in rows if r.get("train/loss_epoch")]) == 2
-    assert len([r for r in rows if r.get("val/loss")]) == 2
+    per_epoch = done.trainer.num_training_batches
+    epoch_rows = [r for r in rows if r.get("train/loss_epoch")]
+    assert [(int(r["epoch"]), int(r["step"])) for r in epoch_rows] == [
+        (e, (e + 1) * per_epoch - 1) for e in range(2)
+    ]
+    val_rows = [r for r in rows if r.get("val/loss")]
+    assert [int(r["epoch"]) for r in val_rows] == [0, 1]
+    assert all(r["val/dist_pearson"] and r["val/recon"] for r in val_rows)
+    assert not any(r["val/dist_pearson"] for r in rows if not r.get("val/loss"))
+    assert set(done.trainer.progress_bar_metrics) >= {"train/loss_bar", "val/loss_bar"}
+    assert "val/dist_pearson" in done.trainer.callback_metrics
