@@ -384,14 +384,24 @@ def placement_errors(
     return error, spread.numpy(), placed
 
 
+def conformal_rank(n: int, coverage: float = RADIUS_COVERAGE) -> int:
+    """The rank (1-based) of the conformal ``coverage`` quantile among ``n`` calibration scores:
+    ``ceil((n + 1) * coverage)``, at most ``n`` (fewer than 9 scores at 90%: the largest). A new
+    exchangeable score is at most that order statistic with probability ``rank / (n + 1)``: 19
+    of 20 scores give 0.905, not less than ``coverage``."""
+    return max(1, min(n, int(np.ceil((n + 1) * coverage - 1e-9))))
+
+
 def radius_record(scores: np.ndarray, floor: float, how: str) -> dict[str, Any]:
     """The calibration record of ``uns['dpvae']['radius']`` from the calibration cells' scores
-    (error / difficulty): their conformal ``RADIUS_COVERAGE`` quantile (finite-sample rank)."""
-    s = np.asarray(scores, dtype=np.float64)
-    level = min(1.0, np.ceil((len(s) + 1) * RADIUS_COVERAGE) / len(s))
+    (error / difficulty): their conformal ``RADIUS_COVERAGE`` quantile, the
+    :func:`conformal_rank`-th smallest score."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = conformal_rank(len(s))
     return {
         "coverage": RADIUS_COVERAGE,
-        "quantile": float(np.quantile(s, level, method="higher")),
+        "quantile": float(s[rank - 1]),
+        "rank": rank,
         "floor": float(floor),
         "n_calibration": int(len(s)),
         "calibration": how,
