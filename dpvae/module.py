@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from dpvae.network import OPTIMIZERS as OPTIMIZERS  # re-exported
@@ -233,6 +234,7 @@ class DPVAE(Parts, L.LightningModule):
             return
         trainer.callback_metrics.update(values)
         if bar:
+            trainer.callback_metrics.update(bar)
             trainer.progress_bar_metrics.update({k: float(v) for k, v in bar.items()})
         if not (write and values) or trainer.sanity_checking:
             return
@@ -244,7 +246,12 @@ class DPVAE(Parts, L.LightningModule):
 
     def add_epoch_values(self, stage: str, values: Mapping[str, float]) -> None:
         """Values of this epoch's ``stage`` computed elsewhere (a callback's scores, the same on
-        every rank): to the callback metrics now, to the loggers in the row of the stage's means."""
+        every rank): to the callback metrics now, to the loggers in the row of the stage's means.
+
+        Call it from a callback's ``on_validation_epoch_end`` (stage ``"val"``) or, for
+        ``"train"``, before the module's ``on_train_epoch_end`` (a callback's
+        ``on_train_epoch_end`` runs first); later the row has been written and the values
+        reach the callback metrics only (``self.log`` still works from anywhere)."""
         tensors = {k: torch.tensor(float(v), device=self.device) for k, v in values.items()}
         self._extra.setdefault(stage, {}).update(tensors)
         self._hand_over(tensors, write=False)
@@ -269,8 +276,15 @@ class DPVAE(Parts, L.LightningModule):
         self._rows[stage] = row
 
     def _write(self, stage: str) -> None:
-        """The epoch's row of ``stage`` (its means and the values added to it) to the loggers."""
+        """The epoch's row of ``stage`` (its means and the values added to it) to the loggers.
+
+        Under ``trainer.validate()`` through ``self.log`` (once: a dozen values), whose results
+        are what ``validate()`` returns and prints."""
         row = {**self._rows.pop(stage, {}), **self._extra.pop(stage, {})}
+        trainer = self._trainer
+        if trainer is not None and row and trainer.state.fn == TrainerFn.VALIDATING:
+            self.log_dict(row, on_step=False, on_epoch=True, batch_size=1)
+            return
         self._hand_over(row, epoch_end=stage == "train")
 
     def _logging_step(self) -> bool:
@@ -278,6 +292,8 @@ class DPVAE(Parts, L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return True
+        if trainer.fit_loop._should_accumulate():  # Lightning writes only a stepping batch's
+            return False
         connector = getattr(trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 

@@ -608,7 +608,7 @@ class ExpressionTransform(nn.Module):
         x, library = self.log_normalise(raw)
         if not self.scale:
             return x, library
-        if raw.requires_grad:
+        if raw.requires_grad or torch.result_type(x, self.gene_mean) != x.dtype:
             return ((x - self.gene_mean) / self.gene_std).clamp(-self.clip, self.clip), library
         x = x - self.gene_mean if x is raw else x.sub_(self.gene_mean)
         return x.div_(self.gene_std).clamp_(-self.clip, self.clip), library

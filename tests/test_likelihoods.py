@@ -140,3 +140,26 @@ def test_the_transform_of_data_writes_in_place_to_the_same_bits(
     assert torch.equal(x, graph_x.detach()) and torch.equal(library, graph_library.detach())
     if not (normalize or log1p or scale):
         assert torch.equal(x, raw)
+
+
+def test_gaussian_nll_passes_gradients_to_its_target_and_broadcasts() -> None:
+    """A target with a graph (a transformed input requiring gradients) gets the expression's
+    gradient; decoded values of several samples broadcast against one target."""
+    import math
+
+    torch.manual_seed(1)
+    lik = GaussianLikelihood(40)
+    target = torch.randn(6, 40, requires_grad=True)
+    decoded = torch.randn(6, 40, requires_grad=True)
+    lik.nll(decoded, target, None).sum().backward()
+    ours = target.grad.clone(), decoded.grad.clone()
+    target.grad = decoded.grad = None
+    log_std = lik.log_std.clamp_min(lik.min_log_std)
+    z = (target - decoded) * torch.exp(-log_std)
+    (0.5 * z * z + log_std + 0.5 * math.log(2 * math.pi)).sum().backward()
+    torch.testing.assert_close(ours[0], target.grad)
+    torch.testing.assert_close(ours[1], decoded.grad)
+    samples = torch.randn(3, 6, 40)
+    many = lik.nll(samples, target.detach(), None)
+    assert many.shape == (3, 6)
+    torch.testing.assert_close(many[1], lik.nll(samples[1], target.detach(), None))

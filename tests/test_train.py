@@ -332,3 +332,37 @@ def test_logged_terms_are_the_epoch_means_and_the_logger_steps(
     assert not any(r["val/dist_pearson"] for r in rows if not r.get("val/loss"))
     assert set(done.trainer.progress_bar_metrics) >= {"train/loss_bar", "val/loss_bar"}
     assert "val/dist_pearson" in done.trainer.callback_metrics
+
+
+def test_accumulated_steps_are_written_once_and_validate_returns_its_scores(
+    osmfish_small: Path, tmp_path: Path
+) -> None:
+    """With gradient accumulation the logger gets a step's values once, from the batch that
+    steps (as Lightning writes them), and ``trainer.validate()`` returns and prints the
+    validation means and the spatial scores (it reads what ``self.log`` gave it)."""
+    import csv
+
+    from dpvae import pipeline
+    from dpvae.config import load_config
+
+    cfg = load_config(
+        [
+            f"data.reference={osmfish_small}",
+            "trainer.max_epochs=1",
+            "model.warmup_epochs=0",
+            "logger=csv",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.log_every_n_steps=1",
+            "+trainer.accumulate_grad_batches=2",
+            "trainer.enable_progress_bar=false",
+            "callbacks.spatial.every_n_epochs=1",
+            *FAST,
+        ]
+    )
+    done = pipeline.train(cfg, run_dir=tmp_path / "run")
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    steps = [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss_step")]
+    assert steps and len(steps) == len(set(steps)) == done.trainer.global_step
+    (results,) = done.trainer.validate(done.model, datamodule=done.data, verbose=False)
+    assert {"val/loss", "val/recon", "val/dist_pearson"} <= set(results)
+    assert results["val/loss"] == pytest.approx(float(done.trainer.callback_metrics["val/loss"]))

@@ -44,14 +44,19 @@ class _GaussianNLL(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         residual, square, weight = ctx.saved_tensors
-        grad_decoded = grad_log_std = None
+        grad_decoded = grad_target = grad_log_std = None
         if ctx.needs_input_grad[0]:
             grad_decoded = (residual * weight).mul_(-grad.unsqueeze(-1))
+        if ctx.needs_input_grad[1]:  # a target with a graph (a transformed input requiring grad)
+            if grad_decoded is not None:
+                grad_target = -grad_decoded
+            else:
+                grad_target = (residual * weight).mul_(grad.unsqueeze(-1))
         if ctx.needs_input_grad[2]:
             grad_log_std = grad.sum() - weight * _mv(square.t(), grad)
-        return grad_decoded, None, grad_log_std
+        return grad_decoded, grad_target, grad_log_std
 
 
 class GaussianLikelihood(Likelihood):
@@ -82,7 +87,7 @@ class GaussianLikelihood(Likelihood):
 
     def nll(self, decoded: Tensor, target: Tensor, library: Tensor) -> Tensor:
         log_std = self.log_std.clamp_min(self.min_log_std)
-        shape = decoded.shape[:-1]
+        decoded, target = torch.broadcast_tensors(decoded, target)
         rows = decoded.reshape(-1, decoded.shape[-1])
         out = _GaussianNLL.apply(rows, target.reshape(rows.shape), log_std)
-        return out.reshape(shape)
+        return out.reshape(decoded.shape[:-1])
