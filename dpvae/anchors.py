@@ -108,12 +108,16 @@ def route_from_placements(
     placed: np.ndarray,
     spread: np.ndarray,
     truth: np.ndarray,
-    floor: float,
+    spacing: float,
     fold: np.ndarray | None,
 ) -> Route:
     """A :class:`Route` from the anchors' placements in the reference's frame (``placed``,
-    NaN rows for anchors without expression), their neighbour spreads and floor (in the
-    reference's units), their true positions and their folds (``None``: no folds)."""
+    NaN rows for anchors without expression), their neighbour spreads and the reference's cell
+    spacing (the difficulty's floor is ``SPREAD_FLOOR`` of it; both in the reference's units),
+    their true positions and their folds (``None``: no folds)."""
+    from dpvae.placement import SPREAD_FLOOR
+
+    floor = SPREAD_FLOOR * spacing
     ok = np.isfinite(placed).all(axis=1) & np.isfinite(truth).all(axis=1)
     if int(ok.sum()) < MIN_ANCHORS:
         raise DataError(
@@ -164,13 +168,10 @@ def route_over_cells(
     """The route through ``reference`` for cells of known position given as expression rows on
     the model's genes (``raw``, a datamodule's cells: fine-tuning's), their codes centred as one
     batch, with the folds ``fold``."""
-    from dpvae.placement import SPREAD_FLOOR
-
     latent, pcs = model.embed(raw, with_pcs=True)
     ref, _ = reference.select_section(None)
     placed, spread = _in_reference_frame(model, ref, latent, pcs, k, expression_weight)
-    floor = SPREAD_FLOOR * cell_spacing(model, ref)
-    return route_from_placements(placed, spread, coords, floor, fold)
+    return route_from_placements(placed, spread, coords, cell_spacing(model, ref), fold)
 
 
 def _in_reference_frame(
@@ -230,7 +231,7 @@ def place_through(
     to ``uns['dpvae']['anchors']`` and ``['radius']``.
     """
     from dpvae.io import get_coordinates
-    from dpvae.placement import SPREAD_FLOOR, encode, radius_record
+    from dpvae.placement import encode, radius_record
 
     pre = model.preprocessor
     truth = get_coordinates(anchors, spatial_key)
@@ -249,9 +250,8 @@ def place_through(
         model, reference, np.concatenate([a_latent, q_latent]), both_pcs, k, expression_weight
     )
     spacing = cell_spacing(model, reference)
-    floor = SPREAD_FLOOR * spacing
     fold = anchor_folds(n_a, seed, min(ANCHOR_FOLDS, n_a)) if n_a > MIN_ANCHORS else None
-    route = route_from_placements(coords[:n_a], spread[:n_a], truth, floor, fold)
+    route = route_from_placements(coords[:n_a], spread[:n_a], truth, spacing, fold)
     placed = route.motion(coords[n_a:])
     difficulty = spread[n_a:] * route.motion.scale + route.floor
     scores = route.errors / (route.difficulty + route.floor)

@@ -977,6 +977,8 @@ def predict(
                     stacklevel=2,
                 )
         del whole
+    # the anchors' record, and the cell spacing radii and scores are told in (the output frame's)
+    through, spacing = None, pre.ref_nn_distance
     if mode == "impute" and anchors is not None:
         from dpvae.anchors import place_through
         from dpvae.io import read_h5ad
@@ -999,7 +1001,6 @@ def predict(
             radius = None
         spacing = through["cell_spacing"]  # the reference's, in the anchors' frame
     elif mode == "impute":
-        through, spacing = None, pre.ref_nn_distance
         latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         std = np.full((len(latent), pre.spatial_dim), np.nan)
@@ -1028,7 +1029,6 @@ def predict(
                 radius[~empty] = calibration["quantile"] * difficulty * pre.coord_scale
         coords = pre.coords_from_model(std)
     else:
-        through, spacing = None, pre.ref_nn_distance
         latent, _, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         if int((~empty).sum()) < 3:
