@@ -23,8 +23,10 @@ from dpvae.io import (
     blank_feature_mask,
     check_h5ad,
     check_missing_genes,
+    gene_names,
     get_coordinates,
     get_matrix,
+    open_on_disk,
     read_h5ad,
     resolve_references,
 )
@@ -137,7 +139,13 @@ def _spatial_neighbours(coords: np.ndarray, section: np.ndarray, k: int) -> np.n
         for start in range(0, len(mine), 65_536):  # bounded (distance, index) blocks
             rows = mine[start : start + 65_536]
             _, nbrs = tree.query(coords[rows], k=k + 1)
-            out[rows] = mine[nbrs.reshape(len(rows), k + 1)[:, 1:]]
+            found = mine[nbrs.reshape(len(rows), k + 1)]
+            # the cell itself is among its k + 1 nearest, but not always first: cells at one
+            # position tie at distance 0 (osmFISH: 527 such repeats); drop it wherever it is
+            # (or, when more than k others share its position, the last of them)
+            drop = found == rows[:, None]
+            drop[~drop.any(axis=1), -1] = True
+            out[rows] = found[~drop].reshape(len(rows), k)
     return out
 
 
@@ -392,7 +400,7 @@ class ReferenceDataModule(L.LightningDataModule):
             )
 
         sizes = [len(s.rows) for s in opened]
-        train_idx, val_idx = self._split_cells(sizes)
+        train_idx, val_idx = self._split_cells(sizes, [s.name for s in opened])
         coords = np.concatenate([s.coords for s in opened])
         section_of = np.repeat(np.arange(len(opened)), sizes)
         self._preprocessor, selected = fit_preprocessor(
@@ -520,7 +528,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self._check_counts(is_integer, minimum)
         names = [s.name for s in opened]
         sizes = [len(s.rows) for s in opened]
-        train_idx, val_idx = self._split_cells(sizes)
+        train_idx, val_idx = self._split_cells(sizes, names)
         coords = np.concatenate([s.coords for s in opened])
         section_of = np.repeat(np.arange(len(opened)), sizes)
         centers, spread, nn_distance = fit_frame(
@@ -547,9 +555,10 @@ class ReferenceDataModule(L.LightningDataModule):
         try:
             if isinstance(source, ad.AnnData):
                 adata = source
+            elif streaming:  # names and coordinates read, the matrix left on disk
+                adata = open_on_disk(source)
             else:
-                mode = True if streaming else self.backed
-                adata = read_h5ad(source, mode, self.backed_threshold_mb)
+                adata = read_h5ad(source, self.backed, self.backed_threshold_mb)
             coords = get_coordinates(adata, self.spatial_key)
             matrix = get_matrix(adata, self.layer)
         except DataError as exc:
@@ -586,7 +595,7 @@ class ReferenceDataModule(L.LightningDataModule):
             path=_file_of(source),
             adata=adata,
             matrix=matrix,
-            var_names=[str(g) for g in adata.var_names],
+            var_names=gene_names(adata.var_names, f"section {name}" if multi else "the reference"),
             rows=rows,
             coords=coords[rows],
             cell_names=cell_names[rows],
@@ -619,15 +628,24 @@ class ReferenceDataModule(L.LightningDataModule):
                 "(normalised?); use model.likelihood=gaussian or point data.layer at raw counts"
             )
 
-    def _split_cells(self, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Seeded validation cells, a ``val_fraction`` of every section (training: the rest)."""
+    def _split_cells(
+        self, sizes: list[int], names: list[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded validation cells, a ``val_fraction`` of every section (training: the rest).
+
+        Raises:
+            DataError: fewer than 2 validation cells in all (with ``val_fraction`` > 0), or a
+                section with fewer than 2 training cells (a cell's spatial neighbour is another
+                training cell of its section).
+        """
         n = sum(sizes)
         n_val = int(round(self.val_fraction * n))
+        too_few = (
+            f"{n} usable cells are too few to hold out data.val_fraction={self.val_fraction} "
+            "for validation; lower it (0 disables validation) or use a larger reference"
+        )
         if self.val_fraction > 0 and (n_val < 2 or n - n_val < self.min_cells):
-            raise DataError(
-                f"{n} usable cells are too few to hold out data.val_fraction={self.val_fraction} "
-                "for validation; lower it (0 disables validation) or use a larger reference"
-            )
+            raise DataError(too_few)
         if len(sizes) == 1:
             perm = np.random.default_rng(self.seed).permutation(n)
             return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -636,9 +654,17 @@ class ReferenceDataModule(L.LightningDataModule):
         for code, size in enumerate(sizes):
             perm = start + np.random.default_rng([self.seed, code]).permutation(size)
             k = int(round(self.val_fraction * size))
+            if size - k < 2:
+                name = names[code] if names is not None else str(code)
+                raise DataError(
+                    f"section {name} keeps {size - k} of its {size} usable cells for training; "
+                    "each section needs 2 or more: lower data.val_fraction or leave the section out"
+                )
             val.append(perm[:k])
             train.append(perm[k:])
             start += size
+        if self.val_fraction > 0 and sum(len(v) for v in val) < 2:
+            raise DataError(too_few)  # each section rounds its own share, possibly to none
         return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
     # ------------------------------------------------------ the ReferenceData contract
@@ -719,6 +745,12 @@ class ReferenceDataModule(L.LightningDataModule):
             far_pairs=self.far_pairs,
             near_weight=self.near_weight,
         )
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # the epoch the loader's first iterator serves: a resumed run builds that iterator
+            # (and loader workers draw its first batches) before Lightning sets the epoch, so
+            # it would serve epoch 0's order and partners again
+            sampler.set_epoch(int(trainer.fit_loop.epoch_progress.current.processed))
         return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -141,9 +141,12 @@ class StoredRows:
         elif np.isscalar(key):
             idx = np.array([int(key)], dtype=np.int64)  # type: ignore[arg-type]
         else:
-            idx = np.asarray(key, dtype=np.int64)
-            if idx.dtype == bool:
+            idx = np.asarray(key)
+            if idx.dtype == bool:  # a mask over all cells, as a CSR matrix takes it
+                if idx.shape != (len(self),):
+                    raise IndexError(f"a boolean mask of {idx.shape} for {len(self)} cells")
                 idx = np.flatnonzero(idx)
+            idx = idx.astype(np.int64, copy=False)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"cell index out of range for {n} cells")

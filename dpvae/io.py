@@ -9,7 +9,7 @@ sparse matrix is never densified whole.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,104 @@ def read_h5ad(
             warnings.simplefilter("ignore")
             return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # anndata raises many kinds for a malformed file
+        raise DataError(
+            f"{p}: could not be read as AnnData ({type(exc).__name__}: {exc}); "
+            "check that it was written with AnnData.write_h5ad"
+        ) from exc
+
+
+class _Elements(Mapping):
+    """A group of an open ``.h5ad`` file whose elements are read when asked for: ``obsm`` (each
+    array read whole: one row per cell) or ``layers`` (each matrix left on disk)."""
+
+    def __init__(self, file: h5py.File, name: str, on_disk: bool) -> None:
+        self._group = file[name] if name in file else None
+        self._on_disk = on_disk
+
+    def __getitem__(self, key: str) -> Any:
+        if self._group is None or key not in self._group:
+            raise KeyError(key)
+        elem = self._group[key]
+        return _matrix_on_disk(elem) if self._on_disk else _read_elem(elem)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(()) if self._group is None else iter(self._group.keys())
+
+    def __len__(self) -> int:
+        return 0 if self._group is None else len(self._group)
+
+
+def _read_elem(elem: Any) -> Any:
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem  # type: ignore[no-redef]
+    return read_elem(elem)
+
+
+def _matrix_on_disk(elem: Any) -> Any:
+    """A matrix element left on disk: an h5py dataset (dense) or anndata's sparse dataset."""
+    if isinstance(elem, h5py.Dataset):
+        return elem
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import sparse_dataset  # type: ignore[no-redef]
+    return sparse_dataset(elem)
+
+
+class OnDisk:
+    """An ``.h5ad`` file open read-only with nothing read but cell and gene names: what the
+    streaming datamodule reads of an AnnData (``obs_names``, ``var_names``, ``n_obs``,
+    ``obsm[key]``, ``X`` and ``layers[name]`` as matrices on disk, ``file.close()``).
+
+    anndata's backed mode keeps ``X`` on disk but reads every layer into memory, so a reference
+    whose counts are in a layer (or that carries layers it does not use) would be held whole
+    while it streams; here a layer is opened on disk only when it is the one asked for.
+    """
+
+    isbacked = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.filename = Path(path)
+        self.file = h5py.File(path, "r")
+        try:
+            self.obs_names = self._index("obs")
+            self.var_names = self._index("var")
+        except Exception:
+            self.file.close()
+            raise
+        self.obsm = _Elements(self.file, "obsm", on_disk=False)
+        self.layers = _Elements(self.file, "layers", on_disk=True)
+
+    def _index(self, name: str) -> Any:
+        import pandas as pd
+
+        group = self.file[name]
+        column = group.attrs["_index"]
+        return pd.Index(np.asarray(_read_elem(group[column])).astype(str))
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs_names)
+
+    @property
+    def X(self) -> Any:  # noqa: N802 - AnnData's name
+        if "X" not in self.file:
+            return None
+        return _matrix_on_disk(self.file["X"])
+
+
+def open_on_disk(path: str | Path) -> OnDisk:
+    """:class:`OnDisk` of an ``.h5ad`` file (checked as :func:`read_h5ad` checks it).
+
+    Raises:
+        DataError: the file does not exist, is a folder, is not HDF5 or is not AnnData.
+    """
+    p = check_h5ad(path)
+    try:
+        return OnDisk(p)
+    except Exception as exc:  # h5py and anndata raise many kinds for a malformed file
         raise DataError(
             f"{p}: could not be read as AnnData ({type(exc).__name__}: {exc}); "
             "check that it was written with AnnData.write_h5ad"
@@ -149,6 +247,28 @@ def iter_row_chunks(
         yield idx, block
 
 
+def gene_names(var_names: Sequence[str], what: str = "the data") -> list[str]:
+    """``var_names`` as strings, repeated names told apart as ``AnnData.var_names_make_unique``
+    does (``A``, ``A-1``, ...; with a warning), so that each column is one gene: a name that
+    repeats would otherwise stand for one of its columns twice and lose the other."""
+    import pandas as pd
+
+    names = pd.Index([str(g) for g in var_names])
+    if names.is_unique:
+        return list(names)
+    from dpvae.errors import DPVAEWarning
+
+    repeated = names[names.duplicated()].unique()
+    warnings.warn(
+        f"{len(names) - names.nunique()} gene names of {what} repeat (e.g. "
+        f"{', '.join(map(str, repeated[:3]))}); each repeat is read as its own gene, named as "
+        "AnnData.var_names_make_unique() names it (A, A-1, ...)",
+        DPVAEWarning,
+        stacklevel=3,
+    )
+    return [str(g) for g in ad.utils.make_index_unique(names)]
+
+
 def blank_feature_mask(var_names: Sequence[str]) -> np.ndarray:
     """True for features to keep: everything whose name does not start with ``Blank``."""
     return np.array([not str(g).startswith(BLANK_PREFIX) for g in var_names], dtype=bool)
@@ -188,7 +308,7 @@ def align_genes(
     """
     if adata.n_obs == 0:
         raise DataError("the query has no cells; give a file with at least one cell")
-    position = {str(g): i for i, g in enumerate(adata.var_names)}
+    position = {g: i for i, g in enumerate(gene_names(adata.var_names, "the query"))}
     src = np.array([position.get(str(g), -1) for g in genes])
     present = src >= 0
     if not present.any():

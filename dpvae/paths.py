@@ -67,7 +67,7 @@ def resolve_references(reference: Any) -> list[tuple[str, Any]]:
                     "fix the path or drop it from the list"
                 )
             found.append((p.name.removesuffix(".h5ad") if text not in EMBEDDED else text, p))
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     paths: dict[Path, str] = {}
     out = []
     for name, source in found:
@@ -79,11 +79,12 @@ def resolve_references(reference: Any) -> list[tuple[str, Any]]:
                     "give each section once"
                 )
             paths[real] = name
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}-{seen[name]}"
-        else:
-            seen[name] = 0
+        if name in taken:  # a repeated name gets the first free suffix: a, a-1, a-2 ...
+            base, i = name, 1
+            while f"{base}-{i}" in taken or any(f"{base}-{i}" == other for other, _ in found):
+                i += 1
+            name = f"{base}-{i}"
+        taken.add(name)
         out.append((name, source))
     return out
 
@@ -100,6 +101,32 @@ def check_exists(path: str | Path) -> Path:
         raise DataError(f"{p}: no such file; give the path of an .h5ad file{hint}")
     if p.is_dir():
         raise DataError(f"{p}: is a folder, not an .h5ad file; give the path of the file itself")
+    return p
+
+
+def check_writable_folder(folder: str | Path, what: str) -> Path:
+    """``folder`` (made later if it does not exist), checked to be one that can be written: the
+    folder itself, or else its nearest existing parent, is a writable folder.
+
+    Raises:
+        DataError: ``folder`` or a parent is a file, or the place is not writable.
+    """
+    p = Path(str(folder)).expanduser().absolute()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{what}: {existing} is a file, not a folder; choose another path")
+    import tempfile
+
+    try:  # permissions alone do not tell (a read-only mount, /proc, root's access)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise DataError(
+            f"{what}: cannot write in {existing} ({exc.strerror or exc}); choose a folder you "
+            "can write"
+        ) from exc
     return p
 
 

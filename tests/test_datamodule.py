@@ -57,21 +57,26 @@ def test_hygiene_gene_selection_and_single_scale(tmp_path: Path) -> None:
 def test_backed_mode_gives_the_same_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dpvae.datamodules import reference
 
-    opened: list[bool] = []
-    real = reference.read_h5ad
+    opened: list[str] = []
+    real, real_disk = reference.read_h5ad, reference.open_on_disk
 
     def spy(*args: object, **kwargs: object) -> ad.AnnData:
         adata = real(*args, **kwargs)  # type: ignore[arg-type]
-        opened.append(adata.isbacked)
+        opened.append("backed" if adata.isbacked else "memory")
         return adata
 
+    def spy_disk(*args: object) -> object:
+        opened.append("on disk")
+        return real_disk(*args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(reference, "read_h5ad", spy)
+    monkeypatch.setattr(reference, "open_on_disk", spy_disk)
     path = _toy(tmp_path, dim=3)
     mem = ReferenceDataModule(path, n_genes=12, backed=False, chunk_size=64)
     disk = ReferenceDataModule(path, n_genes=12, backed=True, chunk_size=64)
     mem.setup()
     disk.setup()
-    assert opened == [False, True]  # each mode took effect
+    assert opened == ["memory", "on disk"]  # each mode took effect
     assert mem.preprocessor == disk.preprocessor
     assert not sp.issparse(disk.cells("all").raw)  # streamed: no matrix held
     assert (mem.cells("all").raw != disk.cells("all").raw[:]).nnz == 0
@@ -300,3 +305,128 @@ def test_all_cells_are_views_and_the_fingerprint_is_the_joined_names_digest() ->
     h.update(np.zeros((70_000, 2)).tobytes())
     h.update("\0".join(many.names).encode())  # type: ignore[attr-defined]
     assert run_folder.fingerprint(Many()) == h.hexdigest()
+
+
+def test_streaming_reads_a_layer_from_disk_and_no_other(tmp_path: Path) -> None:
+    """anndata's backed mode reads every layer into memory; a streamed reference whose counts
+    are a layer keeps it on disk, reads no other, and gives the batches of the in-memory path."""
+    import tracemalloc
+
+    from dpvae.io import get_matrix, open_on_disk
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.5, size=(2000, 300)).astype(np.float32)
+    counts[:, 0] += 1  # every cell expressed
+    a = ad.AnnData(X=sp.csr_matrix(np.log1p(counts)))
+    a.layers["counts"] = sp.csr_matrix(counts)
+    a.layers["unused"] = rng.normal(size=counts.shape).astype(np.float32)  # 2.4 MB dense
+    a.obsm["spatial"] = rng.uniform(0, 100, size=(2000, 2))
+    path = tmp_path / "layers.h5ad"
+    a.write_h5ad(path)
+    tracemalloc.start()
+    opened = open_on_disk(path)
+    matrix = get_matrix(opened, "counts")
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert held < 0.5 * 2**20 and not sp.issparse(matrix)  # names only; the layer on disk
+    assert opened.n_obs == 2000 and list(opened.var_names) == list(a.var_names)
+    assert (sp.csr_matrix(matrix[10:20]) != a.layers["counts"][10:20]).nnz == 0
+    opened.file.close()
+    batches = []
+    for backed in (False, True):
+        dm = ReferenceDataModule(path, layer="counts", n_genes=50, backed=backed, num_workers=0)
+        dm.setup()
+        assert dm.streaming == backed and dm.preprocessor.count_data
+        batches.append(next(iter(dm.train_dataloader())))
+    assert torch.equal(batches[0]["raw"], batches[1]["raw"])
+
+
+def test_a_repeated_gene_name_is_read_as_two_genes(tmp_path: Path) -> None:
+    """A name that repeats stood for its last column twice (the first one lost); each column is
+    now its own gene, named as AnnData.var_names_make_unique names it, with a warning, and a
+    query with the same columns is matched column for column."""
+    from dpvae.errors import DPVAEWarning
+    from dpvae.io import align_genes
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2.0, size=(200, 6)).astype(np.float32)
+    x[:, 0] += 100  # the first "A": high
+    a = ad.AnnData(X=sp.csr_matrix(x))
+    a.var_names = ["A", "B", "C", "A", "D", "E"]
+    a.obsm["spatial"] = rng.uniform(0, 10, size=(200, 2))
+    path = tmp_path / "repeat.h5ad"
+    a.write_h5ad(path)
+    dm = ReferenceDataModule(path, n_genes=0, val_fraction=0.1)
+    with pytest.warns(DPVAEWarning, match="1 gene names of the reference repeat"):
+        dm.setup()
+    genes = list(dm.preprocessor.genes)
+    assert sorted(genes) == ["A", "A-1", "B", "C", "D", "E"]
+    raw = dm.cells("all").raw.toarray()
+    cells = dm.cells("all").index
+    np.testing.assert_array_equal(raw[:, genes.index("A")], x[cells, 0])
+    np.testing.assert_array_equal(raw[:, genes.index("A-1")], x[cells, 3])
+    with pytest.warns(DPVAEWarning, match="repeat"):
+        matrix, missing = align_genes(a, genes)
+    assert missing == 0
+    np.testing.assert_array_equal(matrix.toarray()[:, genes.index("A")], x[:, 0])
+
+
+def test_a_cell_is_never_its_own_spatial_neighbour() -> None:
+    """Cells at one position tie at distance 0, and the tree may list a twin before the cell
+    itself: the cell is dropped wherever it sits among its k + 1 nearest."""
+    from dpvae.datamodules.reference import _spatial_neighbours
+
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(0, 10, size=(400, 2))
+    coords[200:300] = coords[100:200]  # 100 cells repeat another's position
+    coords[300:303] = coords[0]  # four cells at one position
+    section = np.zeros(400, dtype=np.int64)
+    nbrs = _spatial_neighbours(coords, section, 3)
+    assert nbrs.shape == (400, 3)
+    assert not (nbrs == np.arange(400)[:, None]).any()
+    assert all(len(set(row)) == 3 for row in nbrs.tolist())
+    assert 100 in nbrs[200].tolist() and 200 in nbrs[100].tolist()  # twins pair
+    assert set(nbrs[0].tolist()) == {300, 301, 302}  # the three others at its position
+    # the embedded osmFISH has 527 repeated positions: none pairs a cell with itself
+    dm = ReferenceDataModule("osmfish", n_genes=0)
+    dm.setup()
+    own = dm.train_neighbours == np.arange(len(dm.train_neighbours))[:, None]
+    assert not own.any()
+
+
+def test_each_section_keeps_two_training_cells_and_validation_is_not_rounded_away(
+    tmp_path: Path,
+) -> None:
+    from dpvae.errors import DataError
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, n in enumerate((40, 40, 40, 40)):
+        a = ad.AnnData(X=sp.csr_matrix(rng.poisson(3.0, size=(n, 20)).astype(np.float32) + 1))
+        a.var_names = [f"g{j}" for j in range(20)]
+        a.obsm["spatial"] = rng.uniform(0, 10, size=(n, 2))
+        paths.append(tmp_path / f"s{i}.h5ad")
+        a.write_h5ad(paths[-1])
+    # 1.2% of 160 cells is 2, but of each section of 40 it rounds to none
+    dm = ReferenceDataModule([str(p) for p in paths], n_genes=0, val_fraction=0.012)
+    with pytest.raises(DataError, match="too few to hold out"):
+        dm.setup()
+    small = tmp_path / "small.h5ad"
+    a = ad.AnnData(X=sp.csr_matrix(rng.poisson(3.0, size=(3, 20)).astype(np.float32) + 1))
+    a.var_names = [f"g{j}" for j in range(20)]
+    a.obsm["spatial"] = rng.uniform(0, 10, size=(3, 2))
+    a.write_h5ad(small)
+    dm = ReferenceDataModule([str(paths[0]), str(small)], n_genes=0, val_fraction=0.5, min_cells=3)
+    with pytest.raises(DataError, match="section small keeps 1 of its 3 usable cells"):
+        dm.setup()
+
+
+def test_stored_rows_take_a_boolean_mask_as_a_matrix_does(tmp_path: Path) -> None:
+    dm = ReferenceDataModule(_toy(tmp_path), n_genes=0, backed=True)
+    dm.setup()
+    stored = dm.cells("all").raw
+    mask = np.zeros(len(stored), dtype=bool)
+    mask[[3, 50, 51]] = True
+    np.testing.assert_array_equal(stored[mask].toarray(), stored[np.array([3, 50, 51])].toarray())
+    with pytest.raises(IndexError):
+        stored[mask[:-1]]

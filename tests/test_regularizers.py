@@ -323,6 +323,15 @@ def test_a_batch_with_a_cell_twice_reads_its_pairs_at_their_remembered_positions
     assert pairs is not all_pairs(64, coords.device)
     kept = torch.pdist(coords)[condensed_index(pairs, 64)]
     assert bool((kept > 0).all())
-    remembered, positions = base._SOME_PAIRS  # what read_pairs reads at
-    assert remembered is pairs and torch.equal(positions, condensed_index(pairs, 64))
+    remembered, positions, n = base._SOME_PAIRS  # what read_pairs reads at
+    assert remembered is pairs and n == 64
+    assert torch.equal(positions, condensed_index(pairs, 64))
     _assert_read_as_a_clone_is(regularizer, coords, pairs)
+    # the same pairs read over rows of another number are located anew, never at positions
+    # remembered for 64 rows
+    wider = torch.rand(70, 2)
+    np_pairs = pairs.clone()
+    assert torch.equal(
+        base.read_pairs(torch.pdist(wider), pairs, 70),
+        torch.pdist(wider)[condensed_index(np_pairs, 70)],
+    )

@@ -103,3 +103,30 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(osmfish_small: Path, tmp_path: 
     lines = [line for line in err.strip().splitlines() if line.startswith("dpvae:")]
     assert lines[-1] == "dpvae: interrupted; run the same command again to resume"
     assert "Traceback" not in err and not (run_dir / ".lock").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_continued_with_loader_workers_trains_what_one_run_does(
+    osmfish_small: Path, tmp_path: Path, workers: int
+) -> None:
+    """With loader workers (streaming, DDP, data.num_workers) the first epoch after a resume
+    drew its batches before Lightning set the epoch: epoch 0's order and partners again. Two
+    epochs, then two more in the same run folder, end with the weights of four in one go."""
+    from dpvae.cli import train_main
+
+    common = [
+        f"data.reference={osmfish_small}",
+        "logger=none",
+        "model.warmup_epochs=1",
+        f"data.num_workers={workers}",
+        "callbacks.checkpoint.every_n_seconds=0",
+        "trainer.enable_progress_bar=false",
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train_main([*common, f"run_dir={whole}", "trainer.max_epochs=4"]) == 0
+    assert train_main([*common, f"run_dir={split}", "trainer.max_epochs=2"]) == 0
+    assert train_main([*common, f"run_dir={split}", "trainer.max_epochs=4"]) == 0
+    a, b = _weights(whole / "model.ckpt"), _weights(split / "model.ckpt")
+    assert _epoch(split / "model.ckpt") == _epoch(whole / "model.ckpt") == 3
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

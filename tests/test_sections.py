@@ -275,3 +275,21 @@ def test_dense_matrices_stream_and_column_major_ones_are_refused(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "stored by columns" in err[0]
+
+
+def test_sections_of_one_file_name_get_names_no_other_section_has(tmp_path: Path) -> None:
+    """d1/a, d2/a and d1/a-1: the second a is a-2, not a second a-1 (whose centre would be
+    taken for both)."""
+    from dpvae.paths import resolve_references
+
+    for sub, name in (("d1", "a"), ("d2", "a"), ("d1", "a-1")):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / f"{name}.h5ad").write_bytes(b"")
+    found = resolve_references(
+        [
+            str(tmp_path / "d1" / "a.h5ad"),
+            str(tmp_path / "d2" / "a.h5ad"),
+            str(tmp_path / "d1" / "a-1.h5ad"),
+        ]
+    )
+    assert [name for name, _ in found] == ["a", "a-2", "a-1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,9 @@ def all_pairs(n: int, device: torch.device) -> Tensor:
     return _ALL_PAIRS[key]
 
 
-#: the last pair set :func:`some_pairs` made and its positions in pdist's output: (pairs, positions)
-_SOME_PAIRS: list[Tensor] = []
+#: the last pair set :func:`some_pairs` made, its positions in the pdist output over its rows
+#: and their number: (pairs, positions, n)
+_SOME_PAIRS: list[Any] = []
 
 
 def some_pairs(keep: Tensor, n: int) -> Tensor:
@@ -43,7 +45,7 @@ def some_pairs(keep: Tensor, n: int) -> Tensor:
     positions = keep.nonzero().squeeze(1)
     every = all_pairs(n, keep.device)  # its two rows gathered apart: 3x faster than along dim 1
     pairs = torch.stack((every[0].index_select(0, positions), every[1].index_select(0, positions)))
-    _SOME_PAIRS[:] = [pairs, positions]
+    _SOME_PAIRS[:] = [pairs, positions, n]
     return pairs
 
 
@@ -54,7 +56,7 @@ def read_pairs(condensed: Tensor, pairs: Tensor, n: int) -> Tensor:
     :func:`some_pairs` (the same gather)."""
     if pairs is _ALL_PAIRS.get((n, str(pairs.device))):
         return condensed
-    if _SOME_PAIRS and pairs is _SOME_PAIRS[0] and condensed.shape[0] == n * (n - 1) // 2:
+    if _SOME_PAIRS and pairs is _SOME_PAIRS[0] and _SOME_PAIRS[2] == n:
         # each position once: index_select's gradient (an index_add into zeros) is the gather's
         return condensed.index_select(0, _SOME_PAIRS[1])
     return condensed[condensed_index(pairs, n)]
