@@ -231,7 +231,7 @@ def place_through(
     to ``uns['dpvae']['anchors']`` and ``['radius']``.
     """
     from dpvae.io import get_coordinates
-    from dpvae.placement import encode, radius_record
+    from dpvae.placement import MIN_CALIBRATION, encode, radius_record
 
     pre = model.preprocessor
     truth = get_coordinates(anchors, spatial_key)
@@ -258,18 +258,20 @@ def place_through(
     scores = scores[np.isfinite(scores)]
     radius = np.full(len(placed), np.nan)
     calibration = None
-    if len(scores) >= 4:
+    if len(scores) >= MIN_CALIBRATION:
         calibration = radius_record(
             scores,
             route.floor,
             f"the {n_a} anchors, each carried by the motion fitted to the other folds' anchors "
             f"({route.folds} folds)",
+            k,
+            expression_weight,
         )
         radius = calibration["quantile"] * difficulty
     elif n_a:
         warnings.warn(
-            f"{n_a} anchors are too few to calibrate a radius (4 or more with expression); "
-            "dpvae_radius90 is NaN",
+            f"{n_a} anchors are too few to calibrate a radius ({MIN_CALIBRATION} or more with "
+            "expression and folds); dpvae_radius90 is NaN",
             DPVAEWarning,
             stacklevel=3,
         )

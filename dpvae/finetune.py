@@ -233,7 +233,13 @@ def cross_validate(
 
     from dpvae.anchors import anchor_folds, route_over_cells
     from dpvae.errors import ConfigError, DataError, check_finetune_options
-    from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, radius_record, spread_floor
+    from dpvae.placement import (
+        EXPRESSION_WEIGHT,
+        MIN_CALIBRATION,
+        NEIGHBOURS,
+        radius_record,
+        spread_floor,
+    )
 
     spec = cfg.get("finetune") or {}
     route = route_of(cfg)
@@ -318,7 +324,7 @@ def cross_validate(
     s = np.concatenate(scores[best])
     s = s[np.isfinite(s)]
     calibration = None
-    if len(s):
+    if len(s) >= MIN_CALIBRATION:
         calibration = radius_record(
             s,
             spread_floor(data.preprocessor),  # the final model's frame: the data's

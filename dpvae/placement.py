@@ -241,12 +241,15 @@ RADIUS_COVERAGE = 0.9
 RADIUS_KEY = "dpvae_radius90"
 #: at most this many reference cells calibrate the radius
 MAX_CALIBRATION = 5000
-#: folds of the cross-conformal calibration of a small reference without held-out cells
+#: folds of the cross-conformal calibration of a reference of cells all new to the model
 CALIBRATION_FOLDS = 5
 #: at most this share of the held-out cells leaves the reference at a time when they calibrate
 HELD_OUT_SHARE = 0.1
 #: the difficulty's floor, in reference cell spacings (a cell whose neighbours coincide)
 SPREAD_FLOOR = 0.05
+#: the fewest calibration cells that give a radius (from 9 on it holds at ``RADIUS_COVERAGE``;
+#: fewer give ``n / (n + 1)``, which the record's ``level`` says and prediction warns of)
+MIN_CALIBRATION = 4
 
 
 def conformal_radius(
@@ -256,40 +259,63 @@ def conformal_radius(
     k: int = NEIGHBOURS,
     expression_weight: float = EXPRESSION_WEIGHT,
     seed: int = 0,
+    spacing: float | None = None,
 ) -> dict[str, Any] | None:
     """Calibrate the per-cell radius ``r = quantile * (spread + floor)`` on reference cells.
 
     Split-conformal regression with a per-cell difficulty: reference cells whose positions the
     model was not told are placed by the rule of prediction against other reference cells, and
     ``quantile`` is the conformal ``RADIUS_COVERAGE`` quantile of their error / (neighbour
-    spread + ``SPREAD_FLOOR`` cell spacings). The calibration cells are the run's held-out
-    (validation) cells when the reference has them, each placed against every reference cell
-    outside its fold (folds of at most ``HELD_OUT_SHARE`` of the held-out cells: the query meets
-    the same mix of training and held-out codes); else, for
-    a reference of up to 10 x ``MAX_CALIBRATION`` cells, every cell placed against the other
-    folds of ``CALIBRATION_FOLDS``; else ``MAX_CALIBRATION`` cells against the rest. A reference
-    that carries its own record (:attr:`ReferenceEmbedding.calibration`: a fine-tuned model's
+    spread + ``SPREAD_FLOOR`` cell spacings). When the reference says which cells the model
+    trained on (``in_sample``: the run's own cells), only the others calibrate: the run's
+    held-out (validation) cells, each placed against every reference cell outside its fold
+    (folds of at most ``HELD_OUT_SHARE`` of the held-out cells: the query meets the same mix of
+    training and held-out codes); a run without ``MIN_CALIBRATION`` of them gets no radius (a
+    training cell's error is the model's own fit, far smaller than a new cell's). A reference
+    of cells all new to the model (an expression file embedded at prediction) calibrates on
+    every cell: up to 10 x ``MAX_CALIBRATION`` cells each placed against the other folds of
+    ``CALIBRATION_FOLDS``, else ``MAX_CALIBRATION`` cells against the rest. A reference that
+    carries its own record (:attr:`ReferenceEmbedding.calibration`: a fine-tuned model's
     anchors, every one a training cell, calibrated by the fine-tuning's cross-validation on
-    anchors its fits never saw) keeps it. A query
-    exchangeable with the calibration cells is then covered with probability at least
-    ``RADIUS_COVERAGE``; cells of another section or tissue are not exchangeable, so coverage there
-    is measured by the benchmark rather than promised.
+    anchors its fits never saw) keeps it, for the ``k`` and ``expression_weight`` it was
+    made with (others: no radius). A query exchangeable with the calibration cells is then
+    covered with probability at least the record's ``level`` (``RADIUS_COVERAGE`` from 9
+    calibration cells on, :func:`conformal_rank`); cells of another section or tissue are not
+    exchangeable, so coverage there is measured by the benchmark rather than promised.
+
+    ``spacing``: the reference's cell spacing in its own units (default: the model's training
+    reference's), of which the difficulty's floor is ``SPREAD_FLOOR``.
 
     Returns the record written to ``uns['dpvae']['radius']`` (``quantile`` and ``floor`` in model
-    units), or ``None`` for a reference too small to calibrate (fewer than 4 cells).
+    units), or ``None`` (with a warning saying why) when no honest radius can be calibrated.
     """
     if ref.calibration is not None:  # fine-tuning's cross-validation (cells the fits never saw)
-        return dict(ref.calibration)
+        made = (
+            int(ref.calibration.get("k", NEIGHBOURS)),
+            float(ref.calibration.get("expression_weight", EXPRESSION_WEIGHT)),
+        )
+        if made == (int(k), float(expression_weight)):
+            return dict(ref.calibration)
+        _no_radius(
+            f"the radius was calibrated for k={made[0]} and expression_weight={made[1]:g}; "
+            "predict with those for a 90% radius"
+        )
+        return None
     pre = model.preprocessor
     n = len(ref)
-    if n < 4:
-        return None
     rng = np.random.default_rng(seed)
-    latent = ref.search_latent()
-    coords = pre.coords_to_model(ref.coords)
     splits: list[tuple[np.ndarray, np.ndarray]] = []
     held_out = None if ref.in_sample is None else ~np.asarray(ref.in_sample, dtype=bool)
-    if held_out is not None and held_out.sum() >= 20 and (~held_out).sum() > 1:
+    if held_out is not None:
+        n_held = int(held_out.sum())
+        if n_held < MIN_CALIBRATION or n - n_held < 2:
+            _no_radius(
+                f"the reference holds {n_held} cells the model did not train on and "
+                f"{n - n_held} it did; a 90% radius is calibrated on {MIN_CALIBRATION} or more "
+                "held-out cells (train with data.val_fraction > 0, or pass reference= cells "
+                "the model never saw)"
+            )
+            return None
         # a query is placed against training and held-out cells together, and its neighbour
         # spread depends on that mix (held-out codes are the encoder's out-of-sample ones): so
         # each calibration cell is placed against every reference cell but its own fold, the
@@ -299,7 +325,7 @@ def conformal_radius(
         cal = np.flatnonzero(held_out)
         if len(cal) > MAX_CALIBRATION:
             cal = np.sort(rng.choice(cal, MAX_CALIBRATION, replace=False))
-        n_folds = min(len(cal), int(np.ceil(len(cal) / (HELD_OUT_SHARE * held_out.sum()))))
+        n_folds = min(len(cal), int(np.ceil(len(cal) / (HELD_OUT_SHARE * n_held))))
         fold = rng.permutation(len(cal)) % n_folds
         keep = np.ones(n, dtype=bool)
         for f in range(n_folds):
@@ -311,6 +337,11 @@ def conformal_radius(
             "the run's held-out reference cells, each placed against the other reference cells "
             f"({n_folds} folds)"
         )
+    elif n < MIN_CALIBRATION:
+        _no_radius(
+            f"the reference has {n} cells; a 90% radius is calibrated on {MIN_CALIBRATION} or more"
+        )
+        return None
     elif n <= 10 * MAX_CALIBRATION:
         fold = rng.permutation(n) % CALIBRATION_FOLDS
         splits = [
@@ -322,7 +353,9 @@ def conformal_radius(
         rest = np.setdiff1d(np.arange(n), cal)
         splits.append((cal, rest))
         how = f"{MAX_CALIBRATION} reference cells placed against the others"
-    floor = spread_floor(pre)
+    latent = ref.search_latent()
+    coords = pre.coords_to_model(ref.coords)
+    floor = spread_floor(pre, spacing)
     scores = []
     for cal, against in splits:
         if len(cal) == 0 or len(against) == 0:
@@ -341,12 +374,30 @@ def conformal_radius(
         scores.append(error / (spread + floor))
     if not scores:
         return None
-    return radius_record(np.concatenate(scores), floor, how)
+    return radius_record(np.concatenate(scores), floor, how, k, expression_weight)
 
 
-def spread_floor(pre: Any) -> float:
-    """The difficulty's floor in model units: ``SPREAD_FLOOR`` reference cell spacings."""
-    return float(SPREAD_FLOOR * pre.ref_nn_distance / pre.coord_scale)
+def _no_radius(why: str) -> None:
+    """Warn that prediction writes no radius, and why."""
+    warnings.warn(f"no {RADIUS_KEY}: {why}", DPVAEWarning, stacklevel=3)
+
+
+def own_spacing(ref: ReferenceEmbedding, default: float) -> float:
+    """The reference cells' median nearest-neighbour distance in their own units (``default``
+    for fewer than 2 cells, or when more than half of them share a position)."""
+    from dpvae.metrics import median_nn_distance
+
+    if len(ref) < 2:
+        return float(default)
+    spacing = median_nn_distance(ref.coords)
+    return spacing if np.isfinite(spacing) and spacing > 0 else float(default)
+
+
+def spread_floor(pre: Any, spacing: float | None = None) -> float:
+    """The difficulty's floor in model units: ``SPREAD_FLOOR`` reference cell spacings
+    (``spacing`` in the reference's own units; default: the training reference's)."""
+    spacing = pre.ref_nn_distance if spacing is None else spacing
+    return float(SPREAD_FLOOR * spacing / pre.coord_scale)
 
 
 def placement_errors(
@@ -388,20 +439,31 @@ def conformal_rank(n: int, coverage: float = RADIUS_COVERAGE) -> int:
     """The rank (1-based) of the conformal ``coverage`` quantile among ``n`` calibration scores:
     ``ceil((n + 1) * coverage)``, at most ``n`` (fewer than 9 scores at 90%: the largest). A new
     exchangeable score is at most that order statistic with probability ``rank / (n + 1)``: 19
-    of 20 scores give 0.905, not less than ``coverage``."""
+    of 20 scores give 0.905, not less than ``coverage``; 5 scores, the largest, only 5/6."""
     return max(1, min(n, int(np.ceil((n + 1) * coverage - 1e-9))))
 
 
-def radius_record(scores: np.ndarray, floor: float, how: str) -> dict[str, Any]:
+def radius_record(
+    scores: np.ndarray,
+    floor: float,
+    how: str,
+    k: int = NEIGHBOURS,
+    expression_weight: float = EXPRESSION_WEIGHT,
+) -> dict[str, Any]:
     """The calibration record of ``uns['dpvae']['radius']`` from the calibration cells' scores
     (error / difficulty): their conformal ``RADIUS_COVERAGE`` quantile, the
-    :func:`conformal_rank`-th smallest score."""
+    :func:`conformal_rank`-th smallest score; ``level``, the coverage it guarantees an
+    exchangeable cell (``rank / (n + 1)``: below ``RADIUS_COVERAGE`` under 9 scores); ``k`` and
+    ``expression_weight``, the placement rule it holds for."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
     rank = conformal_rank(len(s))
     return {
         "coverage": RADIUS_COVERAGE,
         "quantile": float(s[rank - 1]),
         "rank": rank,
+        "level": rank / (len(s) + 1),
+        "k": int(k),
+        "expression_weight": float(expression_weight),
         "floor": float(floor),
         "n_calibration": int(len(s)),
         "calibration": how,
@@ -442,6 +504,9 @@ class ReferenceEmbedding:
             of :meth:`select_section`); empty for one section.
         calibration: the radius record of :func:`conformal_radius` made when the model was
             trained (fine-tuning's cross-validation), or ``None`` (calibrated at prediction).
+        calibrated: ``latent`` already holds the search codes (the in-sample calibration applied
+            over a larger reference, as :meth:`select_section` does), so :meth:`search_latent`
+            returns it as it is while ``in_sample`` still tells which cells the model trained on.
     """
 
     latent: np.ndarray
@@ -454,6 +519,7 @@ class ReferenceEmbedding:
     section: np.ndarray | None = None
     sections: tuple[str, ...] = ()
     calibration: dict[str, Any] | None = None
+    calibrated: bool = False
 
     def __len__(self) -> int:
         return len(self.latent)
@@ -463,8 +529,9 @@ class ReferenceEmbedding:
 
         Returns ``(reference, section name)``; a one-section reference is returned as it is
         (with ``None``) when no name is asked for. The in-sample calibration is applied before
-        the cells are filtered (the encoder's over-fit is one for all sections), so the result
-        has ``in_sample`` ``None``.
+        the cells are filtered (the encoder's over-fit is one for all sections): the result holds
+        the search codes (``calibrated``) and keeps ``in_sample``, so that its radius is
+        calibrated on the section's held-out cells only.
 
         Raises:
             ConfigError: ``name`` is not one of :attr:`sections`.
@@ -493,19 +560,20 @@ class ReferenceEmbedding:
             latent=latent,
             coords=self.coords[keep],
             pcs=None if self.pcs is None else self.pcs[keep],
-            in_sample=None,
+            in_sample=None if self.in_sample is None else np.asarray(self.in_sample)[keep],
             names=None if self.names is None else self.names[keep],
             genes=list(self.genes),
             scale=self.scale,
             section=np.asarray(self.section)[keep],
             sections=(chosen,),
             calibration=self.calibration,
+            calibrated=True,
         )
         return out, chosen
 
     def search_latent(self) -> np.ndarray:
         """Codes to search among: training cells calibrated against held-out ones."""
-        if self.in_sample is None:
+        if self.in_sample is None or self.calibrated:
             return self.latent
         return calibrate_in_sample(self.latent, self.in_sample)[0]
 
@@ -515,7 +583,7 @@ class ReferenceEmbedding:
         import pandas as pd
 
         obs = pd.DataFrame(index=None if self.names is None else pd.Index(self.names, dtype=str))
-        if self.in_sample is not None:
+        if self.in_sample is not None and not self.calibrated:
             split = np.where(self.in_sample, "train", "val").astype(object)
             obs["split"] = pd.Categorical(split, categories=["train", "val"])
         if self.section is not None and self.sections:
@@ -645,7 +713,9 @@ def _gene_columns(
     adata: ad.AnnData, genes: list[str], what: str = "the query"
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(query columns, their positions among ``genes``, number of genes missing)."""
-    position = {str(g): i for i, g in enumerate(adata.var_names)}
+    from dpvae.io import gene_names
+
+    position = {g: i for i, g in enumerate(gene_names(adata.var_names, what))}
     src = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     present = src >= 0
     if not present.any():
@@ -767,6 +837,12 @@ def resolve_reference(
     if ReferenceEmbedding.is_embedding(adata):
         return ReferenceEmbedding.from_anndata(adata, model.hparams["latent_dim"])
     coords = get_coordinates(adata, spatial_key)
+    dim = int(model.preprocessor.spatial_dim)
+    if coords.shape[1] != dim:
+        raise DataError(
+            f"the reference's obsm['{spatial_key}'] has {coords.shape[1]} columns but the model "
+            f"was trained on {dim}-D coordinates; give reference cells with {dim}-D coordinates"
+        )
     latent, pcs, _ = encode(model, adata)
     keep = ~np.isnan(latent).any(axis=1) & np.isfinite(coords).all(axis=1)
     if not keep.any():
@@ -977,8 +1053,11 @@ def predict(
                     stacklevel=2,
                 )
         del whole
-    # the anchors' record, and the cell spacing radii and scores are told in (the output frame's)
+    # the anchors' record, and the cell spacing radii and scores are told in (the output frame's):
+    # the run's for its own cells, else that of the cells given as the reference (their units)
     through, spacing = None, pre.ref_nn_distance
+    if mode == "impute" and ref.in_sample is None:
+        spacing = own_spacing(ref, spacing)
     if mode == "impute" and anchors is not None:
         from dpvae.anchors import place_through
         from dpvae.io import read_h5ad
@@ -1005,7 +1084,9 @@ def predict(
         empty = np.isnan(latent).any(axis=1)
         std = np.full((len(latent), pre.spatial_dim), np.nan)
         calibration = (
-            conformal_radius(model, ref, k=k, expression_weight=expression_weight, seed=seed)
+            conformal_radius(
+                model, ref, k=k, expression_weight=expression_weight, seed=seed, spacing=spacing
+            )
             if n_iter == 0
             else None
         )
@@ -1067,8 +1148,17 @@ def predict(
             **calibration,
             "obs_key": RADIUS_KEY,
             "median": median,
-            "median_cell_spacings": median / spacing,
+            "median_cell_spacings": median / spacing if spacing > 0 else float("nan"),
         }
+        level = float(calibration.get("level", RADIUS_COVERAGE))
+        if level < RADIUS_COVERAGE:
+            warnings.warn(
+                f"{RADIUS_KEY} is calibrated on {calibration.get('n_calibration')} cells: it "
+                f"holds a cell's true position with probability {level:.2f} or more, not "
+                f"{RADIUS_COVERAGE} (9 or more calibration cells give {RADIUS_COVERAGE})",
+                DPVAEWarning,
+                stacklevel=2,
+            )
     if through is not None:
         info["anchors"] = through
     if section is not None and n_sections > 1:
@@ -1080,7 +1170,14 @@ def predict(
 
         truth = get_coordinates(query, spatial_key)
         finite = np.all(np.isfinite(truth), axis=1) & ~empty
-        if finite.sum() >= 3:
+        if truth.shape[1] != coords.shape[1]:
+            warnings.warn(
+                f"the query's obsm['{spatial_key}'] has {truth.shape[1]} columns, the placements "
+                f"{coords.shape[1]}: no scores against them",
+                DPVAEWarning,
+                stacklevel=2,
+            )
+        elif finite.sum() >= 3:
             task = "impute" if mode == "impute" else "transfer"
             nn = spacing if task == "impute" else None
             info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)

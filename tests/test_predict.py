@@ -10,11 +10,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import dpvae
 from dpvae import placement
-from dpvae.cli import predict_main
-from dpvae.errors import ConfigError
+from dpvae.cli import predict_main, train_main
+from dpvae.errors import ConfigError, DPVAEWarning
 from tests.conftest import ROOT, run_train
 
 
@@ -452,8 +453,12 @@ def test_reference_section_filters_the_reference(
     ref = model.reference
     half, name = ref.select_section("B")
     assert name == "B" and len(half) == int((ref.section == "B").sum())
-    assert half.in_sample is None  # calibrated over all cells before the filter
+    # calibrated over all cells before the filter, and not again; the split kept, so that only
+    # the section's held-out cells calibrate its radius
+    assert half.calibrated and ref.in_sample is not None and half.in_sample is not None
+    np.testing.assert_array_equal(half.in_sample, ref.in_sample[ref.section == "B"])
     np.testing.assert_array_equal(half.latent, ref.search_latent()[ref.section == "B"])
+    np.testing.assert_array_equal(half.search_latent(), half.latent)
     with pytest.raises(ConfigError, match="its sections: A, B"):
         model.predict(query, reference_section="C")
     out = osmfish_run["tmp"] / "sec.h5ad"
@@ -537,3 +542,54 @@ def test_embed_reference_keeps_the_sections(osmfish_run: dict[str, Path], tmp_pa
     assert back.sections == ("first", "second")
     np.testing.assert_array_equal(back.section, section)
     assert len(back.select_section()[0]) == int((section == "first").sum())
+
+
+def test_coordinates_of_another_dimension_are_refused_or_left_unscored(
+    osmfish_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reference of 3-D cells for a 2-D model: one line, exit 2, nothing written. A query
+    carrying 3-D true positions: placed (2-D) and not scored against them, with a warning."""
+    query = ad.read_h5ad(osmfish_run["query"])
+    deep = query.copy()
+    deep.obsm["spatial"] = np.c_[deep.obsm["spatial"], np.zeros(deep.n_obs)]
+    deep.write_h5ad(tmp_path / "deep.h5ad")
+    args = [f"checkpoint={osmfish_run['run'] / 'model.ckpt'}"]
+    out = tmp_path / "o.h5ad"
+    code = predict_main(
+        [
+            *args,
+            f"query={osmfish_run['query']}",
+            f"reference={tmp_path / 'deep.h5ad'}",
+            f"output={out}",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has 3 columns but the model" in err[0], err
+    assert not out.exists()
+    with pytest.warns(DPVAEWarning, match="has 3 columns, the placements 2: no scores"):
+        info = dpvae.load(osmfish_run["run"])._predict(deep).info
+    assert "scores" not in info
+
+
+def test_training_with_two_validation_cells_scores_none_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Distance scores need 3 cells: 2 validation cells train (their loss is still validated)
+    with a warning instead of a traceback at the first spatial validation."""
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(X=sp.csr_matrix(rng.poisson(3.0, size=(20, 30)).astype(np.float32) + 1))
+    a.var_names = [f"g{j}" for j in range(30)]
+    a.obsm["spatial"] = rng.uniform(0, 10, size=(20, 2))
+    a.write_h5ad(tmp_path / "s20.h5ad")
+    with pytest.warns(DPVAEWarning, match="the reference has 2; the spatial scores"):
+        code = train_main(
+            [
+                f"data.reference={tmp_path / 's20.h5ad'}",
+                f"run_dir={tmp_path / 'run'}",
+                "logger=none",
+                "trainer.max_epochs=5",
+                "model.warmup_epochs=1",
+            ]
+        )
+    assert code == 0 and "no spatial validation scores" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.ckpt").exists()

@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 
 import dpvae
 from dpvae.cli import predict_main
+from dpvae.errors import DPVAEWarning
 from dpvae.placement import (
     RADIUS_KEY,
     ReferenceEmbedding,
@@ -163,9 +164,10 @@ def test_the_embedding_file_keeps_the_run_s_calibration(tmp_path: Path) -> None:
     back = ReferenceEmbedding.read(emb.write(tmp_path / "embedding.h5ad"))
     assert back.calibration == record
     model = _stub_model()
-    # prediction uses it rather than calibrating on the (training) cells again
+    # prediction uses it rather than calibrating on the (training) cells again, which give none
     assert conformal_radius(model, back) == record
-    assert conformal_radius(model, replace(back, calibration=None)) != record
+    with pytest.warns(DPVAEWarning, match="0 cells the model did not train on"):
+        assert conformal_radius(model, replace(back, calibration=None)) is None
 
 
 def test_the_conformal_quantile_is_the_finite_sample_rank_and_covers_ninety_percent() -> None:
@@ -185,3 +187,94 @@ def test_the_conformal_quantile_is_the_finite_sample_rank_and_covers_ninety_perc
     quantile = np.array([radius_record(d[:20], 0.0, "t")["quantile"] for d in draws])
     covered = float(np.mean(draws[:, 20] <= quantile))
     assert covered == pytest.approx(19 / 21, abs=0.006)
+
+
+def test_the_record_says_what_coverage_its_calibration_cells_guarantee() -> None:
+    """Fewer than 9 calibration scores: the quantile is the largest, which a new exchangeable
+    score stays under with probability n / (n + 1), not 0.9; the record says so, and so does
+    prediction (a warning)."""
+    from dpvae.placement import radius_record
+
+    assert radius_record(np.arange(1.0, 21.0), 0.0, "t")["level"] == pytest.approx(19 / 21)
+    assert radius_record(np.arange(1.0, 6.0), 0.0, "t")["level"] == pytest.approx(5 / 6)
+    rng = np.random.default_rng(3)
+    draws = rng.exponential(size=(20000, 6))
+    quantile = np.array([radius_record(d[:5], 0.0, "t")["quantile"] for d in draws])
+    assert float(np.mean(draws[:, 5] <= quantile)) == pytest.approx(5 / 6, abs=0.01)
+
+
+def test_a_run_s_training_cells_never_calibrate_the_radius() -> None:
+    """A training cell's placement error is the model's own fit: a radius calibrated on training
+    cells is far too small for a new cell. With too few held-out cells there is no radius (a
+    warning says why), and a section of a several-section reference calibrates on its own
+    held-out cells, not on all of its cells."""
+    rng = np.random.default_rng(2)
+    model = _stub_model()
+    xy = rng.uniform(0, 10, size=(600, 2))
+    # training cells' codes sit on their positions (fit), held-out cells' are noisy (new)
+    fit = np.c_[xy, np.zeros((600, 4))].astype(np.float32)
+    new = (fit + rng.normal(scale=0.8, size=fit.shape)).astype(np.float32)
+    in_sample = np.ones(600, dtype=bool)
+    with pytest.warns(DPVAEWarning, match="held-out cells"):
+        assert conformal_radius(model, ReferenceEmbedding(fit, xy, in_sample=in_sample)) is None
+    in_sample[:3] = False  # three held out: too few
+    with pytest.warns(DPVAEWarning, match="3 cells the model did not train on"):
+        assert conformal_radius(model, ReferenceEmbedding(fit, xy, in_sample=in_sample)) is None
+    # two sections, 40 held-out cells each: the chosen section calibrates on its own 40
+    in_sample = np.ones(600, dtype=bool)
+    in_sample[rng.choice(300, 40, replace=False)] = False
+    in_sample[300 + rng.choice(300, 40, replace=False)] = False
+    latent = np.where(in_sample[:, None], fit, new)
+    section = np.repeat(["a", "b"], 300)
+    both = ReferenceEmbedding(latent, xy, in_sample=in_sample, section=section, sections=("a", "b"))
+    b, name = both.select_section("b")
+    assert name == "b" and b.in_sample is not None and int((~b.in_sample).sum()) == 40
+    # the search codes are the calibrated ones of the whole reference, not calibrated again
+    np.testing.assert_array_equal(b.search_latent(), both.search_latent()[300:])
+    record = conformal_radius(model, b, k=8, expression_weight=0.0)
+    assert record is not None and record["n_calibration"] == 40
+    assert "held-out" in record["calibration"]
+    # calibrated on every cell of the section instead (as before): training cells' small errors
+    everyone = replace(b, in_sample=None)
+    assert (
+        conformal_radius(model, everyone, k=8, expression_weight=0.0)["quantile"]
+        < 0.5 * (record["quantile"])
+    )
+
+
+def test_a_stored_calibration_holds_only_for_the_rule_it_was_made_with() -> None:
+    """Fine-tuning calibrates its radius at prediction's default k and expression weight; the
+    neighbour spread that scales it depends on both, so another k gets no radius, not a wrong
+    one."""
+    from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, radius_record
+
+    rng = np.random.default_rng(0)
+    xy, latent = _tissue(200, rng)
+    stored = radius_record(np.arange(1.0, 14.0), 0.01, "cross-validation")
+    ref = ReferenceEmbedding(latent, xy, in_sample=np.ones(200, bool), calibration=stored)
+    model = _stub_model()
+    same = conformal_radius(model, ref, k=NEIGHBOURS, expression_weight=EXPRESSION_WEIGHT)
+    assert same == stored
+    with pytest.warns(DPVAEWarning, match="calibrated for k=8"):
+        assert conformal_radius(model, ref, k=1, expression_weight=EXPRESSION_WEIGHT) is None
+
+
+def test_a_reference_in_other_units_tells_radii_in_its_own_cell_spacings(
+    osmfish_run: dict[str, Path],
+) -> None:
+    """Cells given as the reference set the cell spacing the radius is told in (and its floor):
+    the same cells in units 100 times larger give radii 100 times larger, the same number of
+    cell spacings."""
+    model = dpvae.load(osmfish_run["run"])
+    query = ad.read_h5ad(osmfish_run["query"])
+    emb = model.reference
+    assert emb is not None
+    cells = ReferenceEmbedding(emb.search_latent(), emb.coords, emb.pcs)  # new to the model
+    spacings, medians = [], []
+    for factor in (1.0, 100.0):
+        ref = replace(cells, coords=cells.coords * factor)
+        pred = model._predict(query, ref, mode="impute")
+        spacings.append(pred.info["radius"]["median_cell_spacings"])
+        medians.append(pred.info["radius"]["median"])
+    assert medians[1] == pytest.approx(100 * medians[0], rel=1e-6)
+    assert spacings[1] == pytest.approx(spacings[0], rel=1e-6)
