@@ -23,9 +23,10 @@ class BestWeights(L.Callback):
     """
 
     def __init__(self, monitor: str | None = "val/dist_pearson", mode: str = "max") -> None:
+        from dpvae.errors import check_best_options
+
         super().__init__()
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        check_best_options(mode=mode)
         self.monitor = monitor
         self.mode = mode
         self.best = -math.inf if mode == "max" else math.inf

@@ -39,7 +39,9 @@ class RunCheckpoint(ModelCheckpoint):
     ) -> None:
         from dpvae.errors import check_checkpoint_options
 
-        check_checkpoint_options(every_n_seconds=every_n_seconds, mode=mode)
+        check_checkpoint_options(
+            every_n_seconds=every_n_seconds, mode=mode, every_n_epochs=every_n_epochs
+        )
         self.every_n_seconds = float(every_n_seconds)
         self._written_at = time.monotonic()
         self._wait = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,9 +11,12 @@ import numpy as np
 import torch
 
 from dpvae.contracts import ReferenceData
-from dpvae.errors import check_spatial_options
+from dpvae.errors import DPVAEWarning, check_spatial_options
 from dpvae.gathered_metrics import LatentDistortion, SpatialScores
 from dpvae.placement import EXPRESSION_WEIGHT, NEIGHBOURS, calibrate_in_sample, place
+
+#: the fewest validation cells of a section its distance scores are computed on
+MIN_SCORED = 3
 
 
 @dataclass
@@ -157,7 +161,22 @@ class SpatialValidation(L.Callback):
                         np.flatnonzero(val.section == name),
                     )
                 )
-        share = len(groups)
+        # distance scores need 3 cells: a section with fewer held-out cells is left out of them
+        # (the counts are the whole reference's, so every DDP rank leaves out the same)
+        few = [(key, len(val_rows)) for key, _, val_rows in groups if len(val_rows) < MIN_SCORED]
+        if few:
+            shown = ", ".join(
+                f"{'the reference' if key is None else f'section {key}'} has {n}" for key, n in few
+            )
+            warnings.warn(
+                f"validation cells: {shown}; the spatial scores (val/dist_pearson ...) need "
+                f"{MIN_SCORED} or more in a section and leave it out (a larger data.val_fraction "
+                "scores it)",
+                DPVAEWarning,
+                stacklevel=2,
+            )
+            groups = [g for g in groups if len(g[2]) >= MIN_SCORED]
+        share = max(len(groups), 1)
         plan = []
         for key, ref_rows, val_rows in groups:
             if len(ref_rows) > self.max_reference // share:

@@ -185,6 +185,7 @@ PRECHECKS = {
     "regularizers.DPRegularizer": "check_scale_options",
     "regularizers.StressRegularizer": "check_scale_options",
     "callbacks.RunCheckpoint": "check_checkpoint_options",
+    "callbacks.BestWeights": "check_best_options",
     "callbacks.WarmupEarlyStopping": "check_stopping_options",
     "callbacks.SpatialValidation": "check_spatial_options",
 }
@@ -253,9 +254,15 @@ def _check_train(cfg: DictConfig) -> None:
         check_process_options,
         require_at_least,
     )
-    from dpvae.paths import check_exists, find_checkpoint, resolve_references
+    from dpvae.paths import (
+        check_exists,
+        check_writable_folder,
+        find_checkpoint,
+        resolve_references,
+    )
 
     check_process_options(seed=cfg.seed, threads=cfg.threads)
+    check_writable_folder(cfg.run_dir, f"run_dir={cfg.run_dir}")
     require(
         cfg.embedding.batch_size >= 1,
         f"embedding.batch_size must be at least 1, got {cfg.embedding.batch_size}",
@@ -337,19 +344,26 @@ def train_work(cfg: DictConfig) -> int:
         from dpvae.finetune import folds_of
 
         chosen = cfg.trainer.max_epochs
-        if folds_of(cfg) >= 2:
-            chosen = min(chosen, record.get("finetune", {}).get("epochs", chosen))  # by its CV
+        by_cv = folds_of(cfg) >= 2 and "epochs" in record.get("finetune", {})
+        if by_cv:
+            chosen = min(chosen, record["finetune"]["epochs"])  # by its cross-validation
         ended = done_epochs >= chosen or resume.stopped_early
         finished = ended and ((run_dir / EMBEDDING_FILE).exists() or not cfg.embedding.write)
         if finished and same_data:
-            how = (
-                "the stopping rule ended it"
-                if resume.stopped_early and done_epochs < chosen
-                else "a larger trainer.max_epochs continues it"
-            )
+            trained = min(done_epochs, chosen)
+            if resume.stopped_early and done_epochs < chosen:
+                how = "the stopping rule ended it"
+            elif by_cv:
+                how = "fine-tuning's cross-validation chose its epochs"
+            else:  # the default run_dir names the configuration, max_epochs included
+                how = (
+                    f"to train it longer, give run_dir={run_dir} and a trainer.max_epochs above "
+                    f"{trained}"
+                )
             print(
-                f"dpvae: {run_dir} already holds a finished run ({done_epochs} epochs); nothing to "
-                f"do ({how}; another run_dir starts anew)",
+                f"dpvae: {run_dir} already holds a finished run ({trained} "
+                f"epoch{'' if trained == 1 else 's'}); nothing to do ({how}; another run_dir "
+                "starts anew)",
                 file=sys.stderr,
             )
             return 0
@@ -444,9 +458,12 @@ coordinates. The query file is never modified.
 
 def _check_predict(cfg: DictConfig) -> tuple[Path, Path]:
     from dpvae.errors import ConfigError, check_options
-    from dpvae.paths import LOAD_FIX, check_exists, find_checkpoint
+    from dpvae.paths import LOAD_FIX, check_exists, check_writable_folder, find_checkpoint
 
     query, output = Path(cfg.query).expanduser(), Path(cfg.output).expanduser()
+    check_writable_folder(output.parent, f"output={cfg.output}")
+    if output.is_dir():
+        raise ConfigError(f"output={cfg.output} is a folder; give the .h5ad file to write")
     if output.resolve() == query.resolve():
         raise ConfigError("output must differ from query; the query file is never modified")
     if cfg.plot and output.suffix == ".png":

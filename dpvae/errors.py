@@ -218,13 +218,25 @@ def check_mode(key: str, mode: str) -> None:
     require(mode in ("min", "max"), f"callbacks.{key}.mode must be min or max, got {mode!r}")
 
 
-def check_checkpoint_options(*, every_n_seconds: float = 0.0, mode: str = "min") -> None:
+def check_checkpoint_options(
+    *, every_n_seconds: float = 0.0, mode: str = "min", every_n_epochs: int = 1
+) -> None:
     """``callbacks.checkpoint.*``."""
     require(
         every_n_seconds >= 0,
         f"callbacks.checkpoint.every_n_seconds must be 0 or more, got {every_n_seconds}",
     )
+    require(
+        isinstance(every_n_epochs, int) and every_n_epochs >= 1,
+        f"callbacks.checkpoint.every_n_epochs must be a whole number, 1 or more, got "
+        f"{every_n_epochs!r}",
+    )
     check_mode("checkpoint", mode)
+
+
+def check_best_options(*, mode: str = "max") -> None:
+    """``callbacks.best.*``."""
+    check_mode("best", mode)
 
 
 #: how fine-tuning's cells place the rest of their section (``finetune.route``)

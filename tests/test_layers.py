@@ -171,6 +171,10 @@ def test_the_first_line_comes_before_torch(command: str, tmp_path: Path) -> None
         ("train", ["callbacks.early_stopping.mode=up"], "early_stopping.mode must be min or max"),
         ("train", ["callbacks.checkpoint.every_n_seconds=-1"], "every_n_seconds must be 0 or"),
         ("train", ["callbacks.spatial.k=0"], "callbacks.spatial.k must be at least 1, got 0"),
+        ("train", ["callbacks.best.mode=up"], "callbacks.best.mode must be min or max"),
+        ("train", ["callbacks.checkpoint.every_n_epochs=-1"], "every_n_epochs must be a whole"),
+        ("train", ["run_dir=QUERY/run"], "q.h5ad is a file, not a folder"),
+        ("predict", ["checkpoint=CKPT", "query=QUERY", "output=QUERY/o.h5ad"], "is a file, not"),
         ("predict", ["checkpoint=MISSING/run", "query=QUERY"], "no such checkpoint; give a run"),
         ("predict", ["checkpoint=CKPT", "query=MISSING/q.h5ad"], "q.h5ad: no such file"),
     ],
@@ -194,7 +198,7 @@ def test_argument_errors_come_before_torch(
     code = (
         "import sys\n"
         "import dpvae.cli as cli\n"
-        f"status = cli.{command}_main({[*args, *extra]!r})\n"
+        f"status = cli.{command}_main({[*extra, *args]!r})\n"
         "heavy = [m for m in ('torch', 'lightning', 'anndata', 'wandb') if m in sys.modules]\n"
         "print('STATUS', status, heavy)\n"
     )

@@ -143,8 +143,22 @@ def test_a_finished_or_early_stopped_run_is_left_alone(
     before = _digest(tmp_path)
     capsys.readouterr()
     assert train_main(args) == 0
-    assert "already holds a finished run" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "already holds a finished run" in said and "the stopping rule ended it" in said
     assert _digest(tmp_path) == before
+    # a run that trained all its epochs: how to train it longer names its folder (the default
+    # run_dir hashes the configuration, trainer.max_epochs included)
+    short = [
+        *args[:4],
+        "trainer.max_epochs=2",
+        "model.warmup_epochs=1",
+        f"run_dir={tmp_path / 's'}",
+    ]
+    assert train_main(short) == 0
+    capsys.readouterr()
+    assert train_main(short) == 0
+    said = capsys.readouterr().err
+    assert f"give run_dir={tmp_path / 's'} and a trainer.max_epochs above 2" in said, said
 
 
 def test_no_checkpoint_callback_writes_no_checkpoint_and_is_not_rerun_over(
