@@ -189,6 +189,15 @@ class DPVAE(Parts, L.LightningModule):
             ratio = trainer.strategy.reduce(ratio, reduce_op="mean")
         self.regularizer.reset_scale(float(ratio))
         self.scale_initialised.fill_(True)
+        # lambda's optimizer state counted the warm-up's steps, in which its gradient was 0 (the
+        # term's weight is 0): AdamW's bias correction then sized its first steps after the
+        # switch by the warm-up's length (0.44 x the learning rate after 20 warm-up steps, 1.4 x
+        # after 230). With its new value it starts afresh, as a parameter first trained now.
+        if trainer is not None:
+            own = list(self.regularizer.parameters())
+            for optimizer in trainer.optimizers:
+                for p in own:
+                    optimizer.state.pop(p, None)
 
     # ---------------------------------------------------------------- logging
     # Lightning's self.log costs about half a millisecond a value (it moves the key's result

@@ -80,3 +80,31 @@ def test_fused_falls_back_where_torch_has_no_fused_kernel(model: DPVAE) -> None:
     elsewhere = DPVAE(**dict(model.hparams)).to("meta")  # a device outside FUSED_DEVICES
     defaults = elsewhere.configure_optimizers().defaults
     assert defaults["foreach"] is True and not defaults["fused"]
+
+
+def test_lambda_s_optimizer_state_starts_when_the_regularizer_switches_on(
+    reference: ad.AnnData,
+) -> None:
+    """In the warm-up lambda's gradient is 0 (its term weighs 0), yet AdamW counts those steps:
+    its bias correction then sized lambda's first steps after the switch by the warm-up's length.
+    Its state is dropped with its re-initialisation: after training, lambda's AdamW step count
+    is the steps since the switch, the other parameters' every step."""
+    import lightning.pytorch as L
+
+    seen: dict[str, float] = {}
+
+    class Steps(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: DPVAE) -> None:
+            state = trainer.optimizers[0].state
+            lam = pl_module.regularizer.log_scale
+            seen["lambda"] = float(state[lam]["step"])
+            seen["other"] = float(state[next(pl_module.encoder.parameters())]["step"])
+            seen["per_epoch"] = float(trainer.num_training_batches)
+
+    from dpvae import pipeline
+    from dpvae.config import load_config
+
+    cfg = load_config(["data.reference=<AnnData in memory>", *SHORT])
+    pipeline.train(cfg, reference=reference, extra_callbacks=[Steps()])
+    assert seen["other"] == 4 * seen["per_epoch"]
+    assert seen["lambda"] == 3 * seen["per_epoch"]  # epochs 2-4, after a warm-up of 1
