@@ -376,7 +376,9 @@ class ReferenceDataModule(L.LightningDataModule):
         for s in opened:
             position = {str(g): i for i, g in enumerate(s.var_names)}
             cols = np.array([position[g] for g in genes], dtype=np.int64)
-            totals, stats = self._keep_expressed(s, cols)
+            totals, stats = self._keep_expressed(
+                s, cols, f"section {s.name}" if multi else "the reference"
+            )
             if len(s.rows) < self.min_cells:
                 where = f"section {s.name} has" if multi else "there are"
                 raise DataError(
@@ -509,7 +511,7 @@ class ReferenceDataModule(L.LightningDataModule):
                 len(genes) - len(present), len(genes), where, self.allow_missing_genes
             )
             cols = np.array([position[genes[i]] for i in present], dtype=np.int64)
-            _, stats = self._keep_expressed(s, cols)
+            _, stats = self._keep_expressed(s, cols, where)
             if len(s.rows) < self.min_cells:
                 raise DataError(
                     f"{where} has only {len(s.rows)} usable cells (non-zero expression over the "
@@ -602,15 +604,22 @@ class ReferenceDataModule(L.LightningDataModule):
             owned=not isinstance(source, ad.AnnData),
         )
 
-    def _keep_expressed(self, s: _Opened, cols: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def _keep_expressed(
+        self, s: _Opened, cols: np.ndarray, where: str
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """One pass over ``s``'s usable rows and the file columns ``cols``: drop the cells with
-        no expression there (in place); returns the kept cells' totals and the pass's statistics
+        no expression there (in place, with a note naming ``where`` and how many); returns the kept cells' totals and the pass's statistics
         (:func:`dpvae.preprocess.scan_matrix`)."""
         mask = np.zeros(len(s.var_names), dtype=bool)
         mask[cols] = True
         stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)
         totals = np.asarray(stats["totals"])
         nonzero = totals > 0
+        if not nonzero.all():
+            self.notes.append(
+                f"{where}: {int((~nonzero).sum())} of {len(nonzero)} cells left out (no "
+                f"expression of the {len(cols)} genes)"
+            )
         s.rows, s.coords, s.cell_names = s.rows[nonzero], s.coords[nonzero], s.cell_names[nonzero]
         return totals[nonzero], stats
 

@@ -38,6 +38,7 @@ def test_hygiene_gene_selection_and_single_scale(tmp_path: Path) -> None:
     pre = dm.preprocessor
     cells = dm.cells("all")
     assert "c7" not in set(cells.names) and len(cells.names) == 299
+    assert "the reference: 1 of 300 cells left out (no expression of the 38 genes)" in dm.notes
     assert not any(g.startswith("Blank") for g in pre.genes) and len(pre.genes) == 10
     assert "g5" in pre.genes  # the planted variable gene is selected
     assert pre.count_data and pre.normalize and pre.log1p

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 
 
 @pytest.mark.slow
-def test_wheel_trains_and_predicts_outside_the_checkout(
+def test_wheel_trains_fine_tunes_and_predicts_outside_the_checkout(
     tmp_path: Path, osmfish_small: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DPVAE_CONFIG_PATH")}
@@ -93,6 +95,44 @@ def test_wheel_trains_and_predicts_outside_the_checkout(
         env,
     )
     assert "dist_pearson 0." in out.stdout and (work / "pred.h5ad").exists()
+
+    # fine-tuning on 60 cells of known position, then the rest placed in their frame with a
+    # radius, its median in cell spacings printed and the figure shaded by it
+    cells = ad.read_h5ad(osmfish_small)
+    pick = np.zeros(cells.n_obs, dtype=bool)
+    pick[np.random.default_rng(0).choice(cells.n_obs, 60, replace=False)] = True
+    cells[pick].copy().write_h5ad(work / "anchors.h5ad")
+    cells[~pick].copy().write_h5ad(work / "rest.h5ad")
+    tuned = [
+        str(venv / "bin" / "dpvae-train"),
+        "init_from=run/model.ckpt",
+        "data.reference=anchors.h5ad",
+        "run_dir=tuned",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    err = _run(tuned, work, env).stderr
+    assert "fine-tuning data:" in err and "fine-tuning cross-validation (5 folds)" in err, err
+    out = _run(
+        [
+            str(venv / "bin" / "dpvae-predict"),
+            "checkpoint=tuned/model.ckpt",
+            "query=rest.h5ad",
+            "reference=anchors.h5ad",
+            "output=placed.h5ad",
+            "plot=dpvae_radius90",
+        ],
+        work,
+        env,
+    )
+    assert "90% radius: median" in out.stdout and "cell spacings" in out.stdout, out.stdout
+    placed = ad.read_h5ad(work / "placed.h5ad")
+    radius = placed.obs["dpvae_radius90"].to_numpy()
+    assert placed.n_obs == cells.n_obs - 60
+    assert np.isfinite(radius).mean() > 0.99 and (radius[np.isfinite(radius)] > 0).all()
+    calibration = placed.uns["dpvae"]["radius"]["calibration"]  # out-of-fold anchors, either route
+    assert "cross-validation over the" in calibration or "other folds' anchors" in calibration
+    assert (work / "placed.png").stat().st_size > 10_000
     script = (
         "import anndata as ad, dpvae\n"
         f"a = ad.read_h5ad({str(osmfish_small)!r})\n"
