@@ -285,10 +285,11 @@ class ReferenceDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
-        """Fail early (before any process is spawned) on a missing or unreadable file."""
+        """Fail early (before any process is spawned) on a missing or unreadable file: opened
+        on disk and closed (anndata's backed mode would read every layer into memory)."""
         for _, source in resolve_references(self.reference):
             if not isinstance(source, ad.AnnData):
-                read_h5ad(source, backed=True)
+                open_on_disk(source).file.close()
 
     @staticmethod
     def _flag(value: str | bool, auto: bool, name: str) -> bool:

@@ -234,7 +234,7 @@ def place_through(
     from dpvae.placement import MIN_CALIBRATION, encode, radius_record
 
     pre = model.preprocessor
-    truth = get_coordinates(anchors, spatial_key)
+    truth = get_coordinates(anchors, spatial_key, option="spatial_key")
     if truth.shape[1] != pre.spatial_dim:
         raise DataError(
             f"the anchors' obsm['{spatial_key}'] has {truth.shape[1]} columns, the model's "

@@ -285,7 +285,15 @@ def _check_train(cfg: DictConfig) -> None:
         from dpvae.pipeline import INIT_FROM_FIX
 
         find_checkpoint(cfg.init_from, INIT_FROM_FIX)
-    check_finetune_options(route=str((plain.get("finetune") or {}).get("route", "auto")))
+    finetune = plain.get("finetune") or {}
+    check_finetune_options(
+        route=str(finetune.get("route") or "auto"),
+        **{
+            key: int(finetune[key])
+            for key in ("folds", "every_n_epochs")
+            if finetune.get(key) is not None
+        },
+    )
 
 
 def train_work(cfg: DictConfig) -> int:
@@ -503,6 +511,11 @@ def predict_work(cfg: DictConfig) -> int:
     from dpvae.placement import RADIUS_KEY
 
     radius_plot = cfg.plot == RADIUS_KEY and cfg.mode == "impute"
+    if cfg.plot == RADIUS_KEY and not radius_plot:
+        raise DataError(
+            f"plot={RADIUS_KEY}: mode={cfg.mode} places cells in their own frame, with no "
+            "radius; use mode=impute for it, or plot a gene or an obs column"
+        )
     if (
         cfg.plot
         and not radius_plot
@@ -572,8 +585,16 @@ def predict_work(cfg: DictConfig) -> int:
     if cfg.plot:
         from dpvae.plotting import plot_prediction
 
+        color = cfg.plot
+        if radius_plot and not radius:  # the warning above says why there is none
+            print(
+                f"dpvae: warning: plot={RADIUS_KEY}: no radius to shade the cells by; the "
+                "figure shows the layouts unshaded",
+                file=sys.stderr,
+            )
+            color = None
         shown = read_h5ad(output, backed=True) if stream else out
-        png = plot_prediction(shown, cfg.plot, output.with_suffix(".png"), cfg.spatial_key)
+        png = plot_prediction(shown, color, output.with_suffix(".png"), cfg.spatial_key)
         print(f"dpvae: wrote {png}")
     return 0
 

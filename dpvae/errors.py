@@ -243,12 +243,13 @@ def check_best_options(*, mode: str = "max") -> None:
 FINETUNE_ROUTES = ("auto", "anchors", "through")
 
 
-def check_finetune_options(*, route: str = "auto") -> None:
+def check_finetune_options(*, route: str = "auto", folds: int = 0, every_n_epochs: int = 1) -> None:
     """``finetune.*``."""
     require(
         route in FINETUNE_ROUTES,
         f"finetune.route must be one of {', '.join(FINETUNE_ROUTES)}, got {route!r}",
     )
+    require_at_least("finetune", folds=(folds, 0), every_n_epochs=(every_n_epochs, 1))
 
 
 def check_stopping_options(

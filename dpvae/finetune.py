@@ -224,8 +224,8 @@ def cross_validate(
     ``"through"`` and the final fit keeps the starting model (0 epochs). On 13 breast-cancer
     anchors the route through A scored 0.47 against 0.38; on 180 DLPFC anchors 0.70 against 0.72.
 
-    Returns ``None`` (the schedule of ``trainer.max_epochs``, the radius calibrated at
-    prediction) when ``finetune.folds`` is below 2, ``trainer.max_epochs`` is not set, or the
+    Returns ``None`` (the schedule of ``trainer.max_epochs``, and no radius: every cell is then
+    a training cell) when ``finetune.folds`` is below 2, ``trainer.max_epochs`` is not set, or the
     cells are too few for fold fits of :data:`MIN_FOLD_CELLS` training cells. Folds are at most
     one per cell.
     """
@@ -243,8 +243,8 @@ def cross_validate(
 
     spec = cfg.get("finetune") or {}
     route = route_of(cfg)
-    check_finetune_options(route=route)
     folds = folds_of(cfg)
+    check_finetune_options(route=route, folds=folds)
     max_epochs = cfg.trainer.get("max_epochs")
     if route == "through" and (folds < 2 or max_epochs in (None, -1)):
         raise ConfigError(

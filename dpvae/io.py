@@ -167,7 +167,9 @@ def open_on_disk(path: str | Path) -> OnDisk:
         ) from exc
 
 
-def get_coordinates(adata: ad.AnnData, key: str = "spatial") -> np.ndarray:
+def get_coordinates(
+    adata: ad.AnnData, key: str = "spatial", option: str = "data.spatial_key"
+) -> np.ndarray:
     """Return the cells' coordinates ``obsm[key]`` as a float64 array of shape (n, 2 or 3).
 
     Raises:
@@ -177,7 +179,7 @@ def get_coordinates(adata: ad.AnnData, key: str = "spatial") -> np.ndarray:
         have = ", ".join(sorted(adata.obsm.keys())) or "none"
         raise DataError(
             f"no coordinates under obsm['{key}'] (obsm keys: {have}); "
-            "set data.spatial_key to the key that holds them"
+            f"set {option} to the key that holds them"
         )
     coords = adata.obsm[key]
     if hasattr(coords, "to_numpy"):
@@ -247,15 +249,18 @@ def iter_row_chunks(
         yield idx, block
 
 
-def gene_names(var_names: Sequence[str], what: str = "the data") -> list[str]:
+def gene_names(var_names: Sequence[str], what: str = "the data", warn: bool = True) -> list[str]:
     """``var_names`` as strings, repeated names told apart as ``AnnData.var_names_make_unique``
-    does (``A``, ``A-1``, ...; with a warning), so that each column is one gene: a name that
-    repeats would otherwise stand for one of its columns twice and lose the other."""
+    does (``A``, ``A-1``, ...; with a warning unless ``warn`` is false), so that each column is
+    one gene: a name that repeats would otherwise stand for one of its columns twice and lose
+    the other."""
     import pandas as pd
 
     names = pd.Index([str(g) for g in var_names])
     if names.is_unique:
         return list(names)
+    if not warn:
+        return [str(g) for g in ad.utils.make_index_unique(names)]
     from dpvae.errors import DPVAEWarning
 
     repeated = names[names.duplicated()].unique()

@@ -199,9 +199,16 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
         ConfigError: naming the monitor, the callback's key and the metrics that exist.
     """
     from dpvae.callbacks import SpatialValidation, WarmupEarlyStopping
+    from dpvae.callbacks.spatial_validation import MIN_SCORED
 
-    has_val = len(data.cells("val")) > 0
-    placed = has_val and any(isinstance(cb, SpatialValidation) for cb in callbacks)
+    val = data.cells("val")
+    has_val = len(val) > 0
+    # the spatial scores need MIN_SCORED validation cells in a section (SpatialValidation)
+    if val.section is None:
+        scored = len(val) >= MIN_SCORED
+    else:
+        scored = any((val.section == name).sum() >= MIN_SCORED for name in val.sections)
+    placed = scored and any(isinstance(cb, SpatialValidation) for cb in callbacks)
     val_terms = {f"val/{t}" for t in TERMS}
     spatial = {f"val/{m}" for m in SpatialValidation.METRICS}
     logged = {f"train/{t}{s}" for t in TERMS for s in ("_step", "_epoch")}
@@ -218,18 +225,27 @@ def check_monitors(callbacks: list[Any], data: Any) -> None:
             cb.enabled = False
             notes = getattr(data, "notes", None)
             if isinstance(notes, list):
-                why = "no validation cells" if not has_val else "callbacks.spatial is off"
+                why = (
+                    "no validation cells"
+                    if not has_val
+                    else f"fewer than {MIN_SCORED} validation cells in every section"
+                    if not scored
+                    else "callbacks.spatial is off"
+                )
                 notes.append(
                     f"early stopping on {monitor} is off ({why}): the fixed schedule "
                     "(trainer.max_epochs) runs"
                 )
             continue
         if monitor not in logged:
-            why = (
-                " (data.val_fraction is 0: no validation cells)"
-                if monitor.startswith("val/") and not has_val
-                else ""
-            )
+            why = ""
+            if monitor.startswith("val/") and not has_val:
+                why = " (data.val_fraction is 0: no validation cells)"
+            elif monitor in spatial and not scored:
+                why = (
+                    f" (its spatial scores need {MIN_SCORED} validation cells in a section: "
+                    "raise data.val_fraction)"
+                )
             raise ConfigError(
                 f"{type(cb).__name__} monitors {monitor!r}, which this run does not log{why}; "
                 f"choose one of: {', '.join(sorted(logged))}"

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from dpvae.errors import MODES as MODES  # re-exported: prediction's modes
 from dpvae.errors import DataError, DPVAEWarning, check_options
-from dpvae.io import check_missing_genes
+from dpvae.io import check_missing_genes, gene_names
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -312,8 +312,8 @@ def conformal_radius(
             _no_radius(
                 f"the reference holds {n_held} cells the model did not train on and "
                 f"{n - n_held} it did; a 90% radius is calibrated on {MIN_CALIBRATION} or more "
-                "held-out cells (train with data.val_fraction > 0, or pass reference= cells "
-                "the model never saw)"
+                "held-out cells (train with a larger data.val_fraction, or pass reference= "
+                "cells the model never saw)"
             )
             return None
         # a query is placed against training and held-out cells together, and its neighbour
@@ -713,8 +713,6 @@ def _gene_columns(
     adata: ad.AnnData, genes: list[str], what: str = "the query"
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(query columns, their positions among ``genes``, number of genes missing)."""
-    from dpvae.io import gene_names
-
     position = {g: i for i, g in enumerate(gene_names(adata.var_names, what))}
     src = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     present = src >= 0
@@ -836,7 +834,7 @@ def resolve_reference(
     adata = reference if not isinstance(reference, str | Path) else read_h5ad(reference)
     if ReferenceEmbedding.is_embedding(adata):
         return ReferenceEmbedding.from_anndata(adata, model.hparams["latent_dim"])
-    coords = get_coordinates(adata, spatial_key)
+    coords = get_coordinates(adata, spatial_key, option="spatial_key")
     dim = int(model.preprocessor.spatial_dim)
     if coords.shape[1] != dim:
         raise DataError(
@@ -1083,13 +1081,16 @@ def predict(
         latent, pcs, _ = encode(model, query, layer, allow_missing_genes=allow_missing_genes)
         empty = np.isnan(latent).any(axis=1)
         std = np.full((len(latent), pre.spatial_dim), np.nan)
-        calibration = (
-            conformal_radius(
+        calibration = None
+        if n_iter == 0:
+            calibration = conformal_radius(
                 model, ref, k=k, expression_weight=expression_weight, seed=seed, spacing=spacing
             )
-            if n_iter == 0
-            else None
-        )
+        else:
+            _no_radius(
+                f"n_iter={n_iter}: the radius is calibrated for the neighbour mean's placements "
+                "(n_iter=0), not for stress majorisation's"
+            )
         radius = np.full(len(latent), np.nan) if calibration is not None else None
         if (~empty).any():
             spread = torch.empty(int((~empty).sum()), dtype=torch.float64)
@@ -1131,7 +1132,7 @@ def predict(
             DPVAEWarning,
             stacklevel=2,
         )
-    shared = set(map(str, query.var_names))
+    shared = set(gene_names(query.var_names, warn=False))  # as the genes were matched
     info: dict[str, Any] = {
         "checkpoint": str(getattr(model, "checkpoint_path", "") or ""),
         "mode": mode,
@@ -1168,7 +1169,7 @@ def predict(
         from dpvae.io import get_coordinates
         from dpvae.metrics import radius_scores, score_coordinates  # scipy.stats: 0.5-0.8 s
 
-        truth = get_coordinates(query, spatial_key)
+        truth = get_coordinates(query, spatial_key, option="spatial_key")
         finite = np.all(np.isfinite(truth), axis=1) & ~empty
         if truth.shape[1] != coords.shape[1]:
             warnings.warn(
@@ -1183,4 +1184,11 @@ def predict(
             info["scores"] = score_coordinates(coords[finite], truth[finite], task, nn)
             if radius is not None:
                 info["scores"].update(radius_scores(coords[finite], truth[finite], radius[finite]))
+    elif spatial_key != "spatial" and spatial_key not in query.obsm:  # a key given, not found
+        have = ", ".join(sorted(query.obsm.keys())) or "none"
+        warnings.warn(
+            f"the query has no obsm['{spatial_key}'] (obsm keys: {have}): placed and not scored",
+            DPVAEWarning,
+            stacklevel=2,
+        )
     return Prediction(coords, latent, info, radius)

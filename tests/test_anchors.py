@@ -102,7 +102,7 @@ def test_anchors_through_the_command_and_bad_anchors(
     renamed.write_h5ad(tmp_path / "renamed.h5ad")
     cases = {
         "nope.h5ad": "no such file",
-        "bare.h5ad": "spatial",
+        "bare.h5ad": "; set spatial_key to the key that holds them",
         "two.h5ad": "at least 3 anchor cells",
         "one_place.h5ad": "the anchors all share one position",
         "none.h5ad": "the anchors file has no cells",

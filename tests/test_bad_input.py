@@ -85,6 +85,15 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
             ["data.val_fraction=0", "callbacks.checkpoint.monitor=val/loss"],
             "no validation cells",
         ),
+        "monitor_few_val": (
+            [
+                "data.val_fraction=0.0003",  # 2 validation cells: no spatial score
+                "callbacks.checkpoint.monitor=val/dist_pearson",
+                "callbacks.checkpoint.mode=max",
+            ],
+            "spatial scores need 3 validation cells in a section: raise data.val_fraction",
+        ),
+        "finetune_folds": (["finetune.folds=-1"], "finetune.folds must be at least 0, got -1"),
         "regularizer_scales": (
             ["model.regularizer.init_scale=-1"],
             "min_scale <= init_scale <= max_scale, got .*init_scale=-1.0",
@@ -120,6 +129,8 @@ CASES = [
     "embedding_batch",
     "monitor_typo",
     "monitor_no_val",
+    "monitor_few_val",
+    "finetune_folds",
     "stopping_monitor_typo",
     "stopping_mode",
     "stopping_patience",

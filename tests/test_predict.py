@@ -156,6 +156,16 @@ def test_bad_queries(
             ],
             "plot=Nope",
         ),
+        (
+            [
+                f"checkpoint={ckpt}",
+                f"query={query_path}",
+                f"output={tmp_path / 'o.h5ad'}",
+                "mode=reconstruct",
+                "plot=dpvae_radius90",
+            ],
+            "mode=reconstruct places cells in their own frame, with no radius",
+        ),
     ]:
         assert predict_main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -188,6 +198,19 @@ def test_output_is_never_half_written(
     assert "interrupted" in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier result"
     assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]  # no temporary file left
+
+
+def test_no_radius_after_stress_majorisation_and_a_missing_truth_key_said(
+    osmfish_run: dict[str, Path],
+) -> None:
+    query = ad.read_h5ad(osmfish_run["query"])[:200].copy()
+    model = dpvae.load(osmfish_run["run"])
+    with pytest.warns(DPVAEWarning, match="no dpvae_radius90: n_iter=5: the radius is calibrated"):
+        out = model.annotate(query.copy(), n_iter=5)
+    assert "radius" not in out.uns["dpvae"] and "dpvae_radius90" not in out.obs
+    with pytest.warns(DPVAEWarning, match=r"no obsm\['xy'\] \(obsm keys: X_tsne_source, spatial\)"):
+        out = model.annotate(query.copy(), spatial_key="xy")
+    assert "scores" not in out.uns["dpvae"]
 
 
 def test_cli_n_iter_reaches_the_solver(osmfish_run: dict[str, Path]) -> None:
@@ -593,3 +616,11 @@ def test_training_with_two_validation_cells_scores_none_and_says_so(
         )
     assert code == 0 and "no spatial validation scores" in capsys.readouterr().err
     assert (tmp_path / "run" / "model.ckpt").exists()
+    # 2 held-out cells calibrate no radius: a figure asked to shade by it is drawn unshaded
+    out = tmp_path / "placed.h5ad"
+    args = [f"checkpoint={tmp_path / 'run'}", f"query={tmp_path / 's20.h5ad'}", f"output={out}"]
+    assert predict_main([*args, "plot=dpvae_radius90"]) == 0
+    err = capsys.readouterr().err
+    assert "no dpvae_radius90" in err and "the figure shows the layouts unshaded" in err
+    assert "dpvae_radius90" not in ad.read_h5ad(out).obs
+    assert out.with_suffix(".png").stat().st_size > 10_000
