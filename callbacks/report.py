@@ -146,9 +146,12 @@ class Report(L.Callback):
         return text
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        if not trainer.is_global_zero:
             return
         where = f" -> {self.dirpath}" if self.dirpath else ""
+        if not self.history:  # a fit of no epoch (fine-tuning's cross-validation can choose 0)
+            self._say(trainer, f"done: 0 epochs, the model as it started{where}")
+            return
         self._say(trainer, f"done: {self.summary()}{stopped_early(trainer)}{where}")
         if self.dirpath is not None:
             from dpvae.plotting import plot_training

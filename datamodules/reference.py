@@ -609,8 +609,8 @@ class ReferenceDataModule(L.LightningDataModule):
         self, s: _Opened, cols: np.ndarray, where: str
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """One pass over ``s``'s usable rows and the file columns ``cols``: drop the cells with
-        no expression there (in place, with a note naming ``where`` and how many); returns the kept cells' totals and the pass's statistics
-        (:func:`dpvae.preprocess.scan_matrix`)."""
+        no expression there (in place, with a note naming ``where`` and how many); returns the
+        kept cells' totals and the pass's statistics (:func:`dpvae.preprocess.scan_matrix`)."""
         mask = np.zeros(len(s.var_names), dtype=bool)
         mask[cols] = True
         stats = scan_matrix(s.matrix, s.rows, mask, self.chunk_size)

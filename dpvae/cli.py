@@ -413,11 +413,6 @@ def train_work(cfg: DictConfig) -> int:
             )
             embedding.write(run_dir / EMBEDDING_FILE)
         cv = done.cross_validation
-        if done.trainer.is_global_zero and cv is not None and cv.epochs == 0:
-            print(
-                "dpvae: done: 0 epochs, as the cross-validation chose: the starting model is kept",
-                file=sys.stderr,
-            )
         through = cv is not None and cv.route == "through" and done.source is not None
         if done.trainer.is_global_zero and through:
             # the query is placed through the starting run's cells: a copy travels with it

@@ -259,18 +259,17 @@ def gene_names(var_names: Sequence[str], what: str = "the data", warn: bool = Tr
     names = pd.Index([str(g) for g in var_names])
     if names.is_unique:
         return list(names)
-    if not warn:
-        return [str(g) for g in ad.utils.make_index_unique(names)]
-    from dpvae.errors import DPVAEWarning
+    if warn:
+        from dpvae.errors import DPVAEWarning
 
-    repeated = names[names.duplicated()].unique()
-    warnings.warn(
-        f"{len(names) - names.nunique()} gene names of {what} repeat (e.g. "
-        f"{', '.join(map(str, repeated[:3]))}); each repeat is read as its own gene, named as "
-        "AnnData.var_names_make_unique() names it (A, A-1, ...)",
-        DPVAEWarning,
-        stacklevel=3,
-    )
+        repeated = names[names.duplicated()].unique()
+        warnings.warn(
+            f"{len(names) - names.nunique()} gene names of {what} repeat (e.g. "
+            f"{', '.join(map(str, repeated[:3]))}); each repeat is read as its own gene, named "
+            "as AnnData.var_names_make_unique() names it (A, A-1, ...)",
+            DPVAEWarning,
+            stacklevel=3,
+        )
     return [str(g) for g in ad.utils.make_index_unique(names)]
 
 

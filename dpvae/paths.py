@@ -67,6 +67,7 @@ def resolve_references(reference: Any) -> list[tuple[str, Any]]:
                     "fix the path or drop it from the list"
                 )
             found.append((p.name.removesuffix(".h5ad") if text not in EMBEDDED else text, p))
+    given = {name for name, _ in found}  # a suffixed name never takes one given as it is
     taken: set[str] = set()
     paths: dict[Path, str] = {}
     out = []
@@ -81,7 +82,7 @@ def resolve_references(reference: Any) -> list[tuple[str, Any]]:
             paths[real] = name
         if name in taken:  # a repeated name gets the first free suffix: a, a-1, a-2 ...
             base, i = name, 1
-            while f"{base}-{i}" in taken or any(f"{base}-{i}" == other for other, _ in found):
+            while f"{base}-{i}" in taken or f"{base}-{i}" in given:
                 i += 1
             name = f"{base}-{i}"
         taken.add(name)
