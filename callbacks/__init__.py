@@ -14,6 +14,7 @@ from .freeze import Freeze
 from .report import Report
 from .run_state import RunState
 from .spatial_validation import SpatialValidation
+from .validation_schedule import ValidationSchedule
 
 __all__ = [
     "BestWeights",
@@ -22,5 +23,6 @@ __all__ = [
     "RunCheckpoint",
     "RunState",
     "SpatialValidation",
+    "ValidationSchedule",
     "WarmupEarlyStopping",
 ]

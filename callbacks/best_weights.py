@@ -33,6 +33,11 @@ class BestWeights(L.Callback):
         self.best_epoch = -1
         self._state: dict[str, Any] | None = None
 
+    @property
+    def validation_every(self) -> int:
+        """It reads every validation when it monitors (:class:`ValidationSchedule`)."""
+        return 1 if self.monitor else 0
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
             trainer.sanity_checking

@@ -51,6 +51,21 @@ class WarmupEarlyStopping(EarlyStopping):
         )
 
     @property
+    def validation_every(self) -> int:
+        """Epochs between the validations it reads (:class:`ValidationSchedule`; 0: disabled)."""
+        return self.every_n_epochs if self.enabled else 0
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key (the class name with monitor and mode), built once per value: Lightning
+        reads it at every callback hook, about six times a training step."""
+        values = (self.monitor, self.mode)
+        if getattr(self, "_key_for", None) != values:
+            self._key_for = values
+            self._key = self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        return self._key
+
+    @property
     def spatial(self) -> bool:
         """The monitor is one of :class:`SpatialValidation`'s scores."""
         return self.monitor.startswith("val/") and self.monitor[4:] in SpatialValidation.METRICS

@@ -25,6 +25,8 @@ class Freeze(BaseFinetuning):
         modules: dotted names of the submodules to freeze.
     """
 
+    validation_every = 0  # reads no validation (ValidationSchedule)
+
     def __init__(self, modules: Sequence[str] = ()) -> None:
         super().__init__()
         self.modules = [str(m) for m in modules]

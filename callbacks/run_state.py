@@ -51,6 +51,8 @@ class RunState(L.Callback):
     lets a later command refuse to resume a run whose model or data it would not match.
     """
 
+    validation_every = 0  # reads no validation (ValidationSchedule)
+
     def __init__(self) -> None:
         super().__init__()
         self.record: dict[str, Any] = {}

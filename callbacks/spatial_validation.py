@@ -120,6 +120,11 @@ class SpatialValidation(L.Callback):
                     return cb.latest[1]
         return None
 
+    @property
+    def validation_every(self) -> int:
+        """Epochs between the validations it scores (and the last; :class:`ValidationSchedule`)."""
+        return self.every_n_epochs
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # a checkpoint or best-weights monitor on one of these metrics needs them every epoch
         # (early stopping checks them on the epochs they are computed: WarmupEarlyStopping)

@@ -59,6 +59,8 @@ class CellDataset(Dataset):
         index: (n,) their global cell ids.
         rows: (n,) their rows in ``raw`` (default: the first ``n`` rows).
         section: (n,) their section codes, or ``None``.
+        dense: ``raw`` as one dense float32 tensor, to fetch batches from (the same values; see
+            :func:`dense_copy`), or ``None``.
     """
 
     def __init__(
@@ -68,8 +70,10 @@ class CellDataset(Dataset):
         index: np.ndarray,
         rows: np.ndarray | None = None,
         section: np.ndarray | None = None,
+        dense: torch.Tensor | None = None,
     ) -> None:
         self.raw = raw
+        self.dense = dense
         self.coords = torch.as_tensor(coords, dtype=torch.float32)
         self.index = torch.as_tensor(index, dtype=torch.int64)
         self.rows = np.arange(len(self.index)) if rows is None else np.asarray(rows)
@@ -81,7 +85,10 @@ class CellDataset(Dataset):
     def __getitems__(self, rows: BatchPlan | Sequence[int]) -> dict[str, torch.Tensor]:
         plan = as_plan(rows)
         rows_arr = plan.rows
-        raw = torch.from_numpy(self.raw[self.rows[rows_arr]].toarray())
+        if self.dense is not None:
+            raw = self.dense.index_select(0, torch.from_numpy(self.rows[rows_arr]))
+        else:
+            raw = torch.from_numpy(self.raw[self.rows[rows_arr]].toarray())
         sel = torch.from_numpy(rows_arr)
         batch = {"raw": raw, "coords": self.coords[sel], "index": self.index[sel]}
         if self.section is not None:
@@ -91,6 +98,25 @@ class CellDataset(Dataset):
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([row])
         return {k: v[0] for k, v in batch.items()}
+
+
+#: largest reference (dense float32 bytes) whose expression batches are fetched from a dense copy
+DENSE_COPY_BYTES = 64 * 2**20
+
+
+def dense_copy(raw: Any) -> torch.Tensor | None:
+    """An in-memory CSR reference as a dense float32 tensor, where that is at most
+    :data:`DENSE_COPY_BYTES` (a 3,600 x 2,000 section: 29 MB); else ``None``.
+
+    A batch is then one ``index_select`` of whole rows instead of scipy's fancy row indexing and
+    ``toarray``: 0.03 ms against 0.27 for 256 rows of a 250-spot array, 0.07 against 0.43 for
+    256 rows of 3,600 x 2,000, about 2% of a training step there. The values are the same.
+    """
+    if not sp.issparse(raw) or raw.dtype != np.float32:
+        return None
+    if raw.shape[0] * raw.shape[1] * 4 > DENSE_COPY_BYTES:
+        return None
+    return torch.from_numpy(raw.toarray())
 
 
 def _identity(batch: Any) -> Any:
@@ -477,10 +503,13 @@ class ReferenceDataModule(L.LightningDataModule):
         self._sections = tuple(names) if multi else ()
         self._split = {"train": train_idx, "val": val_idx}
         sec = None if not multi else section_of
+        dense = None if streaming else dense_copy(raw)
         self.train_set = CellDataset(
-            raw, std_coords[train_idx], train_idx, train_idx, _take(sec, train_idx)
+            raw, std_coords[train_idx], train_idx, train_idx, _take(sec, train_idx), dense
         )
-        self.val_set = CellDataset(raw, std_coords[val_idx], val_idx, val_idx, _take(sec, val_idx))
+        self.val_set = CellDataset(
+            raw, std_coords[val_idx], val_idx, val_idx, _take(sec, val_idx), dense
+        )
         self.train_neighbours = None
         if self.neighbour_pairs:
             self.train_neighbours = _spatial_neighbours(

@@ -65,6 +65,7 @@ RUN_NAME_IGNORES = (
     "data.backed_threshold_mb",
     "data.num_workers",
     "callbacks.report",
+    "callbacks.validation",  # which epochs validate: the same model and random numbers
 )
 
 

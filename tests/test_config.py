@@ -152,4 +152,6 @@ def test_the_default_run_folder_keeps_its_name_across_releases() -> None:
 
     assert str(load_config([]).run_dir) == "runs/osmfish-de4576280c"
     assert str(load_config(["finetune.route=auto"]).run_dir) == "runs/osmfish-de4576280c"
+    # validating every epoch trains the same model (ValidationSchedule): the same run
+    assert str(load_config(["callbacks.validation=null"]).run_dir) == "runs/osmfish-de4576280c"
     assert str(load_config(["finetune.route=through"]).run_dir) != "runs/osmfish-de4576280c"
