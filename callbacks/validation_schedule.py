@@ -42,6 +42,7 @@ class ValidationSchedule(L.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.every = 1
+        self._configured: Any = None  # the trainer's own setting, while this one replaces it
 
     @staticmethod
     def period(trainer: L.Trainer) -> int:
@@ -58,10 +59,12 @@ class ValidationSchedule(L.Callback):
         return every if every > 1 and max_epochs % every == 0 else 1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after every callback's setup (SpatialValidation may have chosen every epoch there) and
-        # after the sanity check, which told how many batches a validation pass has
+        # after every callback's setup (SpatialValidation may have chosen every epoch there),
+        # once Lightning has counted the validation batches
         self.every = self.period(trainer) if _validates(trainer) else 1
-        trainer.check_val_every_n_epoch = self.every
+        if self.every > 1:  # else the trainer's setting stays as configured
+            self._configured = trainer.check_val_every_n_epoch
+            trainer.check_val_every_n_epoch = self.every
 
     def on_train_batch_end(
         self,
@@ -78,12 +81,21 @@ class ValidationSchedule(L.Callback):
         torch.empty((), dtype=torch.int64).random_()  # the skipped pass's loader seed
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.check_val_every_n_epoch = 1
-        self.every = 1
+        self._restore(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore(trainer)
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        if self.every > 1:
+            trainer.check_val_every_n_epoch = self._configured
+        self.every, self._configured = 1, None
 
 
 def _validates(trainer: L.Trainer) -> bool:
-    """Whether an epoch's end would run a validation pass over at least one batch, as the sanity
-    check found (without one, Lightning has not counted the batches: ``False``)."""
+    """Whether an epoch's end would run a validation pass over at least one batch (Lightning counts
+    the validation batches before ``on_train_start``, with or without a sanity check)."""
     batches = trainer.num_val_batches
     return bool(trainer.enable_validation) and any(n > 0 for n in batches)

@@ -59,6 +59,44 @@ def test_skipped_validations_leave_the_model_unchanged(osmfish_small: Path) -> N
     assert all(torch.equal(scheduled[k], every[k]) for k in every), "the weights differ"
 
 
+def test_a_validation_schedule_the_user_set_is_kept(osmfish_small: Path) -> None:
+    from dpvae import pipeline
+    from dpvae.config import load_config
+
+    cfg = load_config(
+        [
+            f"data.reference={osmfish_small}",
+            "logger=none",
+            "trainer.max_epochs=6",
+            "model.warmup_epochs=2",
+            "trainer.check_val_every_n_epoch=3",
+        ]
+    )
+    counter = _Counter()
+    trained = pipeline.train(cfg, extra_callbacks=[counter])
+    assert counter.epochs == [2, 5]
+    assert trained.trainer.check_val_every_n_epoch == 3
+
+
+def test_the_default_profiler_pickles_and_barebones_has_none() -> None:
+    """Spawned DDP pickles the trainer; Lightning's barebones mode refuses any profiler."""
+    import pickle
+
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    from dpvae import pipeline
+    from dpvae.config import load_config
+    from dpvae.profiler import NoProfiler
+
+    trainer = pipeline.build_trainer(load_config([]), [])
+    assert isinstance(trainer.profiler, NoProfiler)
+    assert isinstance(pickle.loads(pickle.dumps(trainer.profiler)), NoProfiler)
+    bare = pipeline.build_trainer(
+        load_config(["+trainer.barebones=true", "trainer.log_every_n_steps=null"]), []
+    )
+    assert type(bare.profiler) is PassThroughProfiler
+
+
 def _trainer(**kw: Any) -> Any:
     readers = kw.pop("readers", (5, 5, 0, 0))
     base = {
