@@ -42,6 +42,8 @@ class WarmupEarlyStopping(EarlyStopping):
         check_stopping_options(every_n_epochs=every_n_epochs, patience=patience, mode=mode)
         self.enabled = bool(monitor)
         self.every_n_epochs = int(every_n_epochs)
+        self._key_for: tuple[str, str] | None = None  # (monitor, mode) of the cached state_key
+        self._key = ""
         super().__init__(
             monitor=monitor or "val/loss",
             patience=patience,
@@ -60,7 +62,7 @@ class WarmupEarlyStopping(EarlyStopping):
         """Lightning's key (the class name with monitor and mode), built once per value: Lightning
         reads it at every callback hook, about six times a training step."""
         values = (self.monitor, self.mode)
-        if getattr(self, "_key_for", None) != values:
+        if self._key_for != values:
             self._key_for = values
             self._key = self._generate_state_key(monitor=self.monitor, mode=self.mode)
         return self._key

@@ -26,8 +26,8 @@ class ValidationSchedule(L.Callback):
     a 250-spot array that is a fifth of the validation passes' 0.3 s. Once every callback is set
     up, this sets ``trainer.check_val_every_n_epoch`` to the greatest common divisor of the
     readers' periods (:func:`reads_every`), where ``trainer.max_epochs`` is a multiple of it (so
-    that the last epoch is validated), and leaves it at 1 under a logger, an unknown callback, a
-    step limit or another validation setting.
+    that the last epoch is validated), and leaves the trainer's setting alone under a logger, an
+    unknown callback, a step limit or a validation schedule of the user's own.
 
     A validation pass draws one number of torch's global generator (its ``DataLoader`` iterator's
     base seed), so validating less often would change every random number of the training after
@@ -42,7 +42,6 @@ class ValidationSchedule(L.Callback):
     def __init__(self) -> None:
         super().__init__()
         self.every = 1
-        self._configured: Any = None  # the trainer's own setting, while this one replaces it
 
     @staticmethod
     def period(trainer: L.Trainer) -> int:
@@ -62,8 +61,7 @@ class ValidationSchedule(L.Callback):
         # after every callback's setup (SpatialValidation may have chosen every epoch there),
         # once Lightning has counted the validation batches
         self.every = self.period(trainer) if _validates(trainer) else 1
-        if self.every > 1:  # else the trainer's setting stays as configured
-            self._configured = trainer.check_val_every_n_epoch
+        if self.every > 1:  # (period() is 1 unless the trainer's setting is 1, its default)
             trainer.check_val_every_n_epoch = self.every
 
     def on_train_batch_end(
@@ -90,8 +88,8 @@ class ValidationSchedule(L.Callback):
 
     def _restore(self, trainer: L.Trainer) -> None:
         if self.every > 1:
-            trainer.check_val_every_n_epoch = self._configured
-        self.every, self._configured = 1, None
+            trainer.check_val_every_n_epoch = 1
+        self.every = 1
 
 
 def _validates(trainer: L.Trainer) -> bool:

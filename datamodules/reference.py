@@ -503,7 +503,7 @@ class ReferenceDataModule(L.LightningDataModule):
         self._sections = tuple(names) if multi else ()
         self._split = {"train": train_idx, "val": val_idx}
         sec = None if not multi else section_of
-        dense = None if streaming else dense_copy(raw)
+        dense = dense_copy(raw)  # None for a streamed (StoredRows) or large reference
         self.train_set = CellDataset(
             raw, std_coords[train_idx], train_idx, train_idx, _take(sec, train_idx), dense
         )
