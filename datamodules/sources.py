@@ -73,11 +73,10 @@ class Section:
 
     def _open(self) -> Any:
         if self._matrix is None or self._pid != os.getpid():
-            from anndata.io import sparse_dataset
+            from dpvae.io import matrix_on_disk
 
             self._handle = h5py.File(self.path, "r")
-            elem = _element(self._handle, self.layer)
-            self._matrix = elem if isinstance(elem, h5py.Dataset) else sparse_dataset(elem)
+            self._matrix = matrix_on_disk(_element(self._handle, self.layer))
             self._pid = os.getpid()
         return self._matrix
 

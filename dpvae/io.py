@@ -81,7 +81,7 @@ class _Elements(Mapping):
         if self._group is None or key not in self._group:
             raise KeyError(key)
         elem = self._group[key]
-        return _matrix_on_disk(elem) if self._on_disk else _read_elem(elem)
+        return matrix_on_disk(elem) if self._on_disk else _read_elem(elem)
 
     def __iter__(self) -> Iterator[str]:
         return iter(()) if self._group is None else iter(self._group.keys())
@@ -98,8 +98,9 @@ def _read_elem(elem: Any) -> Any:
     return read_elem(elem)
 
 
-def _matrix_on_disk(elem: Any) -> Any:
-    """A matrix element left on disk: an h5py dataset (dense) or anndata's sparse dataset."""
+def matrix_on_disk(elem: Any) -> Any:
+    """A matrix element left on disk: an h5py dataset (dense) or anndata's sparse dataset (the
+    streaming reader's, :class:`dpvae.datamodules.sources.Section`, too)."""
     if isinstance(elem, h5py.Dataset):
         return elem
     try:
@@ -148,7 +149,7 @@ class OnDisk:
     def X(self) -> Any:  # noqa: N802 - AnnData's name
         if "X" not in self.file:
             return None
-        return _matrix_on_disk(self.file["X"])
+        return matrix_on_disk(self.file["X"])
 
 
 def open_on_disk(path: str | Path) -> OnDisk:
