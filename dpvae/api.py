@@ -89,14 +89,19 @@ class Model:
         """Width of the latent code."""
         return int(self.module.hparams["latent_dim"])
 
-    def embed(self, adata: ad.AnnData, layer: str | None = None) -> np.ndarray:
-        """Latent codes (posterior means) of ``adata``'s cells, genes matched by name."""
+    def embed(self, adata: ad.AnnData | str | Path, layer: str | None = None) -> np.ndarray:
+        """Latent codes (posterior means) of ``adata``'s cells (an AnnData or an ``.h5ad``
+        path), genes matched by name."""
         from dpvae.placement import encode
 
-        return encode(self.module, adata, layer)[0]
+        return encode(self.module, _cells(adata), layer)[0]
 
-    def _predict(self, adata: ad.AnnData, reference: Any = None, **kwargs: Any) -> Prediction:
+    def _predict(
+        self, adata: ad.AnnData | str | Path, reference: Any = None, **kwargs: Any
+    ) -> Prediction:
         from dpvae.placement import ReferenceEmbedding, predict
+
+        adata = _cells(adata)
 
         if self.through is not None and kwargs.get("mode", "impute") == "impute":
             if kwargs.get("anchors") is None:
@@ -118,12 +123,13 @@ class Model:
 
     def predict(
         self,
-        adata: ad.AnnData,
+        adata: ad.AnnData | str | Path,
         mode: str = "impute",
         reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
         **kwargs: Any,
     ) -> np.ndarray:
-        """Coordinates of ``adata``'s cells.
+        """Coordinates of ``adata``'s cells (an AnnData, an ``.h5ad`` path or an embedded
+        dataset's name, read as :func:`dpvae.io.read_h5ad` reads it).
 
         ``mode="impute"`` places them in the reference's frame (the model's own reference cells,
         or ``reference=`` an ``.h5ad``/AnnData with coordinates); ``mode="reconstruct"`` gives
@@ -137,7 +143,7 @@ class Model:
 
     def predict_with_radius(
         self,
-        adata: ad.AnnData,
+        adata: ad.AnnData | str | Path,
         reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
         **kwargs: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +157,7 @@ class Model:
 
     def annotate(
         self,
-        adata: ad.AnnData,
+        adata: ad.AnnData | str | Path,
         mode: str = "impute",
         reference: str | Path | ad.AnnData | ReferenceEmbedding | None = None,
         **kwargs: Any,
@@ -159,7 +165,9 @@ class Model:
         """:meth:`predict` and write the result into ``adata`` (returned): ``obsm['spatial_dpvae']``,
         ``obsm['X_dpvae']``, ``obs['dpvae_radius90']`` (impute: each cell's 90% radius) and
         ``uns['dpvae']`` (mode, genes, lambda, how the radius was calibrated, scores when ``adata``
-        has true coordinates)."""
+        has true coordinates). Given a path, the file is read and left as it is: the AnnData
+        returned holds the result."""
+        adata = _cells(adata)
         if adata.isbacked:
             adata = adata.to_memory()
         self._predict(adata, reference, mode=mode, **kwargs).write_to(adata)
@@ -254,6 +262,17 @@ class _quiet_lightning:
         for name, level in self.levels.items():
             logging.getLogger(name).setLevel(level)
         self._warnings.__exit__(*exc)
+
+
+def _cells(adata: ad.AnnData | str | Path) -> ad.AnnData:
+    """A query: an AnnData as it is, a path (or an embedded dataset's name) read by
+    :func:`dpvae.io.read_h5ad` (on disk when large; a missing or unreadable file is a
+    :class:`~dpvae.errors.DataError`)."""
+    if isinstance(adata, str | Path):
+        from dpvae.io import read_h5ad
+
+        return read_h5ad(adata)
+    return adata
 
 
 def _as_reference(reference: Any) -> Any:

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import dpvae
 from dpvae import placement
 from dpvae.cli import predict_main, train_main
-from dpvae.errors import ConfigError, DPVAEWarning
+from dpvae.errors import ConfigError, DataError, DPVAEWarning
 from tests.conftest import ROOT, run_train
 
 
@@ -287,7 +287,6 @@ def test_a_loaded_model_is_the_trained_network_without_lightning(
     and the same latent codes; a checkpoint it cannot read is one DataError naming the file."""
     import torch
 
-    from dpvae.errors import DataError
     from dpvae.module import DPVAE
     from dpvae.network import Network
 
@@ -372,6 +371,15 @@ def test_python_fit_embed_predict_save(osmfish: ad.AnnData, tmp_path: Path) -> N
     folder = model.save(tmp_path / "saved")
     assert {p.name for p in folder.iterdir()} == {"model.ckpt", "embedding.h5ad", "config.yaml"}
     np.testing.assert_array_equal(dpvae.load(folder).predict(query), xy)
+    # a query given as a file, as fit takes its reference
+    path = tmp_path / "query.h5ad"
+    query.write_h5ad(path)
+    np.testing.assert_array_equal(model.predict(path), xy)
+    np.testing.assert_array_equal(model.embed(str(path)), model.embed(query))
+    assert "spatial_dpvae" in model.annotate(path).obsm
+    assert "spatial_dpvae" not in ad.read_h5ad(path).obsm  # the file is left as it is
+    with pytest.raises(DataError, match="missing.h5ad"):
+        model.predict(tmp_path / "missing.h5ad")
 
 
 def test_predict_help_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
